@@ -1,0 +1,7 @@
+"""AACE: adaptive adversarial cross-entropy for sharpness-aware minimisation, reproduced."""
+from .losses import AACELoss, aace_loss, aace_target, cross_entropy
+from .models import build_model
+from .sam import SAM, frozen_bn_stats
+
+__version__ = "0.1.0"
+__all__ = ["AACELoss", "aace_loss", "aace_target", "cross_entropy", "build_model", "SAM", "frozen_bn_stats"]

@@ -1,0 +1,128 @@
+"""Losses for the two SAM passes: AACE for the perturbation, cross-entropy for the update.
+
+All losses share one signature, ``loss(logits, target, reduction="mean", **options)``, and are
+computed in float32 whatever the input dtype, so they stay finite under bfloat16/float16 autocast.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+AACE_MODES = ("ada", "rand", "const")
+AACE_TARGETS = ("authors", "normalized")
+REDUCTIONS = ("mean", "sum", "none")
+
+
+def _check_inputs(logits: torch.Tensor, target: torch.Tensor, reduction: str) -> None:
+    if reduction not in REDUCTIONS:
+        raise ValueError(f"reduction must be one of {REDUCTIONS}, got {reduction!r}")
+    if logits.dim() != 2:
+        raise ValueError(f"logits must have shape (batch, classes), got shape {tuple(logits.shape)}")
+    if logits.shape[1] < 2:
+        raise ValueError(f"logits need at least 2 classes, got {logits.shape[1]}")
+    if target.dim() != 1 or target.shape[0] != logits.shape[0]:
+        raise ValueError(
+            f"target must have shape ({logits.shape[0]},) to match logits {tuple(logits.shape)}, "
+            f"got {tuple(target.shape)}")
+    if target.dtype not in (torch.int64, torch.int32, torch.int16, torch.uint8):
+        raise ValueError(f"target must hold integer class indices, got dtype {target.dtype}")
+    # One tiny check per call: an out-of-range label otherwise ends in an opaque device-side assert.
+    if target.numel() and bool(((target < 0) | (target >= logits.shape[1])).any()):
+        bad = target[(target < 0) | (target >= logits.shape[1])][0].item()
+        raise ValueError(f"target holds label {bad}, outside [0, {logits.shape[1] - 1}]")
+
+
+def _reduce(per_sample: torch.Tensor, reduction: str) -> torch.Tensor:
+    if reduction == "mean":
+        return per_sample.mean()
+    if reduction == "sum":
+        return per_sample.sum()
+    return per_sample
+
+
+def aace_target(logits: torch.Tensor, target: torch.Tensor, mode: str = "ada", threshold: float = 0.0,
+                target_norm: str = "authors", generator: torch.Generator | None = None) -> torch.Tensor:
+    """The AACE target distribution t (detached), shape (batch, classes), in float32.
+
+    t_y = min(p_y, threshold); the other classes get a_j / sum_{k != y} a_k with a_j = p_j ('ada'),
+    a_j ~ U(0, 1] drawn anew on every call ('rand') or a_j = 1 ('const').
+    ``target_norm="authors"`` keeps the authors' code: the non-target part sums to 1, so t sums to
+    1 + t_y when threshold > 0. ``"normalized"`` scales it to 1 - t_y so that t is a distribution.
+    """
+    if mode not in AACE_MODES:
+        raise ValueError(f"mode must be one of {AACE_MODES}, got {mode!r}")
+    if target_norm not in AACE_TARGETS:
+        raise ValueError(f"target_norm must be one of {AACE_TARGETS}, got {target_norm!r}")
+    if not 0.0 <= threshold <= 1.0:
+        raise ValueError(f"threshold must lie in [0, 1], got {threshold!r}")
+    z = logits.detach().float()
+    true = F.one_hot(target.long(), z.shape[1]).bool()
+    if mode == "ada":
+        # Softmax over the other classes: the renormalised p_j, without dividing by 1 - p_y (which underflows).
+        others = torch.softmax(z.masked_fill(true, float("-inf")), dim=1)
+    else:
+        if mode == "rand":
+            # U(0, 1]; a generator, when given, must live on the logits' device.
+            weights = 1.0 - torch.rand(z.shape, generator=generator, device=z.device)
+        else:
+            weights = torch.ones_like(z)
+        weights = weights.masked_fill(true, 0.0)
+        others = weights / weights.sum(dim=1, keepdim=True)
+    if threshold > 0:
+        p_true = torch.softmax(z, dim=1).gather(1, target.long()[:, None]).clamp(max=threshold)
+        if target_norm == "normalized":
+            others = others * (1.0 - p_true)
+        return others.masked_scatter(true, p_true)
+    return others
+
+
+def aace_loss(logits: torch.Tensor, target: torch.Tensor, mode: str = "ada", threshold: float = 0.0,
+              reduction: str = "mean", target_norm: str = "authors",
+              generator: torch.Generator | None = None) -> torch.Tensor:
+    """Adaptive adversarial cross-entropy: sum_j t_j (log t_j - log p_j), t from :func:`aace_target`.
+
+    Its gradient w.r.t. the logits is (sum_j t_j) p - t, i.e. p - t whenever t sums to 1. With
+    mode 'ada' and threshold 0 it equals -log(1 - p_y) = logsumexp(z) - logsumexp(z without y),
+    which is what is computed then: it stays finite for any logit margin.
+    """
+    _check_inputs(logits, target, reduction)
+    z = logits.float()
+    if mode == "ada" and threshold == 0.0:
+        if target_norm not in AACE_TARGETS:
+            raise ValueError(f"target_norm must be one of {AACE_TARGETS}, got {target_norm!r}")
+        true = F.one_hot(target.long(), z.shape[1]).bool()
+        per_sample = torch.logsumexp(z, dim=1) - torch.logsumexp(z.masked_fill(true, float("-inf")), dim=1)
+        return _reduce(per_sample, reduction)
+    t = aace_target(z, target, mode, threshold, target_norm, generator)
+    per_sample = (torch.xlogy(t, t) - t * torch.log_softmax(z, dim=1)).sum(dim=1)
+    return _reduce(per_sample, reduction)
+
+
+def cross_entropy(logits: torch.Tensor, target: torch.Tensor, label_smoothing: float = 0.0,
+                  reduction: str = "mean") -> torch.Tensor:
+    """Cross-entropy with optional label smoothing (torch's own), computed in float32."""
+    _check_inputs(logits, target, reduction)
+    if not 0.0 <= label_smoothing < 1.0:
+        raise ValueError(f"label_smoothing must lie in [0, 1), got {label_smoothing!r}")
+    return F.cross_entropy(logits.float(), target.long(), label_smoothing=label_smoothing,
+                           reduction=reduction)
+
+
+class AACELoss(nn.Module):
+    """``nn.Module`` wrapper around :func:`aace_loss`."""
+
+    def __init__(self, mode: str = "ada", threshold: float = 0.0, reduction: str = "mean",
+                 target_norm: str = "authors"):
+        super().__init__()
+        if mode not in AACE_MODES:
+            raise ValueError(f"mode must be one of {AACE_MODES}, got {mode!r}")
+        if reduction not in REDUCTIONS:
+            raise ValueError(f"reduction must be one of {REDUCTIONS}, got {reduction!r}")
+        self.mode, self.threshold, self.reduction, self.target_norm = mode, threshold, reduction, target_norm
+
+    def forward(self, logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        return aace_loss(logits, target, self.mode, self.threshold, self.reduction, self.target_norm)
+
+    def extra_repr(self) -> str:
+        return f"mode={self.mode!r}, threshold={self.threshold}, target_norm={self.target_norm!r}"

@@ -1,0 +1,184 @@
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from aace import AACELoss, aace_loss, aace_target, cross_entropy
+
+
+def loop_target(logits, target, mode, threshold, target_norm, weights=None):
+    """Independent, per-sample, per-class construction of the AACE target (the paper's definition)."""
+    p = torch.softmax(logits.double(), dim=1)
+    t = torch.zeros_like(p)
+    for i in range(p.shape[0]):
+        y = int(target[i])
+        a = [0.0] * p.shape[1]
+        for j in range(p.shape[1]):
+            if j == y:
+                continue
+            a[j] = float(p[i, j]) if mode == "ada" else 1.0 if mode == "const" else float(weights[i, j])
+        total = sum(a)
+        t_y = min(float(p[i, y]), threshold)
+        for j in range(p.shape[1]):
+            if j != y:
+                t[i, j] = a[j] / total * ((1 - t_y) if target_norm == "normalized" else 1.0)
+        t[i, y] = t_y
+    return t
+
+
+def loop_loss(logits, t):
+    logp = torch.log_softmax(logits.double(), dim=1)
+    out = torch.zeros(logits.shape[0], dtype=torch.float64)
+    for i in range(t.shape[0]):
+        for j in range(t.shape[1]):
+            if t[i, j] > 0:
+                out[i] += t[i, j] * (math.log(t[i, j]) - logp[i, j])
+    return out
+
+
+@pytest.fixture
+def batch():
+    g = torch.Generator().manual_seed(0)
+    return torch.randn(6, 5, generator=g) * 3, torch.tensor([0, 1, 2, 3, 4, 2])
+
+
+def test_closed_form_ada_threshold_zero(batch):
+    logits, y = batch
+    p_y = torch.softmax(logits.double(), 1)[torch.arange(6), y]
+    expected = -torch.log1p(-p_y)
+    torch.testing.assert_close(aace_loss(logits, y, reduction="none").double(), expected, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("mode", ["ada", "const"])
+@pytest.mark.parametrize("threshold", [0.0, 0.3])
+@pytest.mark.parametrize("target_norm", ["authors", "normalized"])
+def test_against_loop_implementation(batch, mode, threshold, target_norm):
+    logits, y = batch
+    t = loop_target(logits, y, mode, threshold, target_norm)
+    torch.testing.assert_close(aace_target(logits, y, mode, threshold, target_norm).double(), t,
+                               rtol=1e-5, atol=1e-7)
+    got = aace_loss(logits, y, mode, threshold, reduction="none", target_norm=target_norm).double()
+    torch.testing.assert_close(got, loop_loss(logits, t), rtol=1e-5, atol=1e-6)
+
+
+def test_rand_mode_against_loop_with_same_draw(batch):
+    logits, y = batch
+    weights = 1.0 - torch.rand(logits.shape, generator=torch.Generator().manual_seed(7))
+    t = loop_target(logits, y, "rand", 0.0, "authors", weights)
+    got_t = aace_target(logits, y, "rand", generator=torch.Generator().manual_seed(7)).double()
+    torch.testing.assert_close(got_t, t, rtol=1e-5, atol=1e-7)
+    got = aace_loss(logits, y, "rand", reduction="none", generator=torch.Generator().manual_seed(7)).double()
+    torch.testing.assert_close(got, loop_loss(logits, t), rtol=1e-5, atol=1e-6)
+    # redrawn on every call
+    assert not torch.equal(aace_target(logits, y, "rand"), aace_target(logits, y, "rand"))
+
+
+def test_authors_target_sums_to_one_plus_t_y(batch):
+    logits, y = batch
+    t = aace_target(logits, y, "ada", 0.3, "authors")
+    p_y = torch.softmax(logits, 1)[torch.arange(6), y]
+    torch.testing.assert_close(t.sum(1), 1 + p_y.clamp(max=0.3))
+    torch.testing.assert_close(aace_target(logits, y, "ada", 0.3, "normalized").sum(1), torch.ones(6))
+
+
+@pytest.mark.parametrize("mode,threshold", [("ada", 0.0), ("ada", 0.2), ("const", 0.0), ("const", 0.2)])
+def test_gradient_is_p_minus_t(batch, mode, threshold):
+    logits, y = batch
+    z = logits.clone().double().requires_grad_()
+    aace_loss(z, y, mode, threshold, reduction="sum", target_norm="normalized").backward()
+    t = aace_target(logits, y, mode, threshold, "normalized").double()
+    torch.testing.assert_close(z.grad, torch.softmax(z.detach(), 1) - t, rtol=1e-4, atol=1e-6)
+
+
+def test_gradient_identity_with_cross_entropy(batch):
+    logits, y = batch
+    z1 = logits.clone().double().requires_grad_()
+    z2 = logits.clone().double().requires_grad_()
+    aace_loss(z1, y, reduction="sum").backward()
+    F.cross_entropy(z2, y, reduction="sum").backward()
+    p_y = torch.softmax(logits.double(), 1)[torch.arange(6), y][:, None]
+    torch.testing.assert_close(z1.grad, -(p_y / (1 - p_y)) * z2.grad, rtol=1e-4, atol=1e-7)
+
+
+def _true_class_logits(p_y, classes=10):
+    # logit m on the true class, 0 elsewhere: p_y = e^m / (e^m + C - 1)
+    m = math.log(p_y * (classes - 1) / (1 - p_y))
+    z = torch.zeros(1, classes, dtype=torch.float64)
+    z[0, 0] = m
+    return z
+
+
+def test_loss_and_gradient_grow_near_convergence_while_ce_vanishes():
+    rows = []
+    for p_y in [0.58, 0.93, 0.998, 0.99999]:
+        za = _true_class_logits(p_y).requires_grad_()
+        zc = _true_class_logits(p_y).requires_grad_()
+        la, lc = aace_loss(za, torch.tensor([0])), F.cross_entropy(zc, torch.tensor([0]))
+        la.backward()
+        lc.backward()
+        rows.append((la.item(), za.grad.norm().item(), lc.item(), zc.grad.norm().item()))
+        torch.testing.assert_close(la.item(), -math.log(1 - p_y), rtol=1e-6, atol=0)
+    for a, b in zip(rows, rows[1:]):
+        assert b[0] > a[0] and b[1] > a[1]   # AACE loss and gradient norm grow
+        assert b[2] < a[2] and b[3] < a[3]   # CE loss and gradient norm vanish
+    assert math.sqrt(10 / 9) - 1e-3 <= rows[-1][1] <= math.sqrt(2)
+    assert rows[-1][3] < 1e-4
+
+
+@pytest.mark.parametrize("margin", [1e4, -1e4])
+@pytest.mark.parametrize("mode,threshold", [("ada", 0.0), ("ada", 0.3), ("rand", 0.0), ("const", 0.1)])
+def test_finite_for_huge_margins_float32(margin, mode, threshold):
+    z = torch.zeros(4, 10)
+    z[:, 3] = margin
+    z.requires_grad_()
+    loss = aace_loss(z, torch.full((4,), 3), mode, threshold)
+    loss.backward()
+    assert torch.isfinite(loss) and torch.isfinite(z.grad).all()
+
+
+def test_finite_under_bfloat16_autocast():
+    layer = torch.nn.Linear(8, 10)
+    with torch.no_grad():
+        layer.bias[3] = 1e4
+    x = torch.randn(4, 8)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        logits = layer(x)
+        assert logits.dtype == torch.bfloat16
+        loss = aace_loss(logits, torch.full((4,), 3))
+    loss.backward()
+    assert loss.dtype == torch.float32 and torch.isfinite(loss)
+    assert all(torch.isfinite(p.grad).all() for p in layer.parameters())
+
+
+def test_reductions_and_module(batch):
+    logits, y = batch
+    per = aace_loss(logits, y, reduction="none")
+    torch.testing.assert_close(aace_loss(logits, y, reduction="sum"), per.sum())
+    torch.testing.assert_close(aace_loss(logits, y), per.mean())
+    torch.testing.assert_close(AACELoss(reduction="none")(logits, y), per)
+
+
+def test_cross_entropy_uses_label_smoothing(batch):
+    logits, y = batch
+    torch.testing.assert_close(cross_entropy(logits, y, 0.1), F.cross_entropy(logits, y, label_smoothing=0.1))
+    logp = torch.log_softmax(logits, 1)
+    manual = -(0.9 * logp[torch.arange(6), y] + 0.1 * logp.mean(1)).mean()
+    torch.testing.assert_close(cross_entropy(logits, y, 0.1), manual)
+
+
+@pytest.mark.parametrize("call,message", [
+    (lambda z, y: aace_loss(z, y, mode="adaptive"), "mode"),
+    (lambda z, y: aace_loss(z, y, reduction="avg"), "reduction"),
+    (lambda z, y: aace_loss(z, y, threshold=1.5, mode="const"), "threshold"),
+    (lambda z, y: aace_loss(z, torch.tensor([0, 1, 2, 3, 4, 5])), "label 5"),
+    (lambda z, y: aace_loss(z, torch.tensor([0, -1, 2, 3, 4, 0])), "label -1"),
+    (lambda z, y: aace_loss(z, y[:3]), "shape"),
+    (lambda z, y: aace_loss(z[0], y), "shape"),
+    (lambda z, y: aace_loss(z, y.float()), "integer"),
+    (lambda z, y: cross_entropy(z, y, label_smoothing=1.0), "label_smoothing"),
+])
+def test_bad_inputs_raise_clear_errors(batch, call, message):
+    logits, y = batch
+    with pytest.raises(ValueError, match=message):
+        call(logits, y)
