@@ -1,0 +1,20 @@
+# The two commands of the README: `make book` (the main job) and `make test`.
+PY := .venv/bin/python
+PROFILE ?= cpu
+
+.PHONY: book test setup bench clean-book
+
+book:
+	scripts/setup.sh
+	$(PY) -m aace book --profile $(PROFILE)
+
+test:
+	scripts/setup.sh --test
+	$(PY) -m pytest -q
+
+bench:
+	scripts/setup.sh
+	$(PY) -m benchmarks
+
+clean-book:
+	rm -rf _build

@@ -1,0 +1,122 @@
+"""Command line: ``python -m aace train | runs | book``."""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import sys
+
+from .config import PROFILES, RunConfig, field_names, profile_config
+
+
+def _parse_value(text: str, annotation: str):
+    """Turn a command-line string into the field's type; usage errors name the field."""
+    lowered = text.lower()
+    if "None" in annotation and lowered in ("none", "null"):
+        return None
+    if annotation.startswith("bool"):
+        if lowered in ("true", "1", "yes"):
+            return True
+        if lowered in ("false", "0", "no"):
+            return False
+        raise argparse.ArgumentTypeError(f"expected true or false, got {text!r}")
+    for kind in (int, float):
+        if annotation.startswith(kind.__name__):
+            try:
+                return kind(text)
+            except ValueError:
+                raise argparse.ArgumentTypeError(
+                    f"expected {'an integer' if kind is int else 'a number'}"
+                    f"{' or none' if 'None' in annotation else ''}, got {text!r}") from None
+    return text
+
+
+def _add_config_options(parser: argparse.ArgumentParser) -> None:
+    hints = {f.name: str(f.type) for f in dataclasses.fields(RunConfig)}
+    group = parser.add_argument_group("run settings (override the profile; see aace.config.RunConfig)")
+    for name in field_names():
+        group.add_argument(f"--{name.replace('_', '-')}", dest=name, default=argparse.SUPPRESS, metavar="VALUE",
+                           type=lambda text, n=name: _parse_value(text, hints[n]))
+
+
+def _config_from_args(args: argparse.Namespace) -> RunConfig:
+    overrides = {name: getattr(args, name) for name in field_names() if hasattr(args, name)}
+    return profile_config(args.profile, **overrides)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m aace", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    train = sub.add_parser("train", help="train one run (or show its stored result)")
+    train.add_argument("--profile", default="cpu", choices=tuple(PROFILES))
+    train.add_argument("--runs-dir", default=None, help="run store (default: $AACE_RUNS or ./runs)")
+    train.add_argument("--restart", action="store_true", help="discard this config's stored run and train anew")
+    train.add_argument("--no-progress", action="store_true")
+    _add_config_options(train)
+
+    runs = sub.add_parser("runs", help="list stored runs with their final numbers")
+    runs.add_argument("--runs-dir", default=None)
+
+    book = sub.add_parser("book", help="execute the notebooks with papermill and build the book")
+    book.add_argument("--profile", default="cpu", choices=tuple(PROFILES))
+    book.add_argument("--notebook", action="append", default=None,
+                      help="only this notebook (name without .ipynb); repeatable")
+    book.add_argument("-p", "--parameter", nargs=2, action="append", default=[], metavar=("NAME", "JSON"),
+                      help="set a notebook parameter, its value as JSON, e.g. -p seeds '[0, 1]'")
+    book.add_argument("--runs-dir", default=None)
+    book.add_argument("--no-build", action="store_true", help="execute the notebooks only")
+    book.add_argument("--output-dir", default="book", help="where the executed notebooks go")
+
+    args = parser.parse_args(argv)
+    try:
+        if args.command == "train":
+            return _train(args)
+        if args.command == "runs":
+            return _runs(args)
+        return _book(args, parser)
+    except ValueError as err:
+        parser.exit(2, f"error: {err}\n")
+
+
+def _train(args) -> int:
+    from .train import run
+    config = _config_from_args(args)
+    result = run(config, args.runs_dir, progress=not args.no_progress, restart=args.restart)
+    print(f"{result.path}: {json.dumps(result.summary, sort_keys=True)}")
+    return 0 if result.status == "finished" else 1
+
+
+def _runs(args) -> int:
+    from .store import list_runs
+    rows = list_runs(args.runs_dir)
+    if not rows:
+        print("no runs stored")
+        return 0
+    print(f"{'run':<18} {'status':<9} {'method':<36} {'dataset':<14} {'model':<12} {'seed':>4} {'epochs':>6} "
+          f"{'train acc':>9} {'test acc':>8} {'minutes':>7}")
+    for r in rows:
+        s = r.summary
+        acc = (lambda k: f"{100 * s[k]:.2f}" if isinstance(s.get(k), float) else "-")
+        print(f"{r.path.name:<18} {r.status:<9} {r.config.label():<36} {r.config.dataset:<14} {r.config.model:<12} "
+              f"{r.config.seed:>4} {r.config.epochs:>6} {acc('train_acc'):>9} {acc('test_acc'):>8} "
+              f"{s.get('wall_seconds', 0) / 60:>7.1f}")
+    return 0
+
+
+def _book(args, parser) -> int:
+    from .book import build_book, execute_notebooks
+    parameters = {}
+    for name, value in args.parameter:
+        try:
+            parameters[name] = json.loads(value)
+        except json.JSONDecodeError:
+            parameters[name] = value  # a bare string, e.g. -p dataset cifar10
+    execute_notebooks(args.profile, args.notebook, parameters, args.runs_dir, args.output_dir)
+    if not args.no_build:
+        build_book()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,314 @@
+"""The paper's datasets as uint8 tensors in memory, and a loader that augments whole batches at once.
+
+Fashion-MNIST is read from its IDX files (the Debian package ``dataset-fashion-mnist`` installs them
+under /usr/share/datasets/fashion-mnist). CIFAR-10/100 and Food101 come through torchvision; Food101
+is converted once (zero-pad to square, resize to 32x32) and cached next to the data.
+"""
+from __future__ import annotations
+
+import gzip
+import os
+import struct
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterator
+
+import torch
+
+DEBIAN_FASHION_MNIST = Path("/usr/share/datasets/fashion-mnist")
+IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
+AUGMENTS = ("paper", "no_cutout", "none")
+
+
+@dataclass(frozen=True)
+class DatasetSpec:
+    name: str
+    num_classes: int
+    channels: int
+    size: int
+    crop_flip: bool                      # random crop (padding 4) and horizontal flip, CIFAR-style
+    fixed_mean_std: tuple | None = None  # None: the training set's own mean and std
+
+
+DATASETS = {
+    "fashion_mnist": DatasetSpec("fashion_mnist", 10, 1, 28, crop_flip=False),
+    "cifar10": DatasetSpec("cifar10", 10, 3, 32, crop_flip=True),
+    "cifar100": DatasetSpec("cifar100", 100, 3, 32, crop_flip=True),
+    # Food101 at 32x32: flip only (the authors' transform has no crop), ImageNet statistics.
+    "food101": DatasetSpec("food101", 101, 3, 32, crop_flip=False, fixed_mean_std=(IMAGENET_MEAN, IMAGENET_STD)),
+}
+
+
+class DatasetNotFound(FileNotFoundError):
+    """A dataset is missing: says which, where we looked, and the command that fixes it."""
+
+
+class DatasetCorrupt(ValueError):
+    """A dataset file exists but cannot be read: names the file and how to get a good one."""
+
+
+@dataclass
+class ArrayData:
+    images: torch.Tensor   # uint8, (N, C, H, W)
+    labels: torch.Tensor   # int64, (N,)
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def subset(self, indices: torch.Tensor) -> "ArrayData":
+        return ArrayData(self.images[indices], self.labels[indices])
+
+
+def default_data_root() -> Path:
+    return Path(os.environ.get("AACE_DATA", Path.home() / ".cache" / "aace" / "data"))
+
+
+def spec(name: str) -> DatasetSpec:
+    if name not in DATASETS:
+        raise ValueError(f"dataset must be one of {tuple(DATASETS)}, got {name!r}")
+    return DATASETS[name]
+
+
+# ----------------------------------------------------------------------------- Fashion-MNIST (IDX)
+
+_IDX_FILES = {"train": ("train-images-idx3-ubyte", "train-labels-idx1-ubyte"),
+              "test": ("t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte")}
+_FMNIST_FIX = ("install the Debian package (sudo apt-get install dataset-fashion-mnist), or pass data_root= a "
+               "folder holding the four IDX files (.gz or not), or download=True on a machine with a network")
+
+
+def read_idx(path: Path) -> torch.Tensor:
+    """Read an IDX file (optionally gzip-compressed) of unsigned bytes into a uint8 tensor."""
+    try:
+        opener = gzip.open if path.suffix == ".gz" else open
+        with opener(path, "rb") as f:
+            raw = f.read()
+    except (OSError, EOFError) as err:
+        raise DatasetCorrupt(f"cannot read {path}: {err}. Replace the file: {_FMNIST_FIX}") from err
+    if len(raw) < 4 or raw[0] != 0 or raw[1] != 0 or raw[2] != 0x08 or not 1 <= raw[3] <= 4:
+        raise DatasetCorrupt(f"{path} is not an IDX file of unsigned bytes (bad magic number). "
+                             f"Replace it: {_FMNIST_FIX}")
+    ndim = raw[3]
+    if len(raw) < 4 + 4 * ndim:
+        raise DatasetCorrupt(f"{path} is truncated (header incomplete). Replace it: {_FMNIST_FIX}")
+    shape = struct.unpack(f">{ndim}I", raw[4:4 + 4 * ndim])
+    body = raw[4 + 4 * ndim:]
+    expected = 1
+    for d in shape:
+        expected *= d
+    if len(body) != expected:
+        raise DatasetCorrupt(f"{path} holds {len(body)} bytes of data, its header promises {expected} "
+                             f"(shape {shape}): truncated or damaged. Replace it: {_FMNIST_FIX}")
+    return torch.frombuffer(bytearray(body), dtype=torch.uint8).reshape(shape)
+
+
+def _find_idx(folder: Path, stem: str) -> Path | None:
+    for candidate in (folder / f"{stem}.gz", folder / stem):
+        if candidate.is_file():
+            return candidate
+    return None
+
+
+def _load_fashion_mnist(data_root: Path | None, download: bool) -> tuple[ArrayData, ArrayData]:
+    folders = ([data_root, data_root / "FashionMNIST" / "raw"] if data_root else []) + [DEBIAN_FASHION_MNIST]
+    for folder in folders:
+        paths = {split: [_find_idx(folder, stem) for stem in stems] for split, stems in _IDX_FILES.items()}
+        if all(p is not None for ps in paths.values() for p in ps):
+            break
+    else:
+        if not download:
+            raise DatasetNotFound(f"Fashion-MNIST not found: looked for its IDX files in "
+                                  f"{', '.join(str(f) for f in folders)}. To fix: {_FMNIST_FIX}")
+        import torchvision
+        root = data_root or default_data_root()
+        torchvision.datasets.FashionMNIST(str(root), train=True, download=True)
+        return _load_fashion_mnist(root, download=False)
+    splits = []
+    for split in ("train", "test"):
+        images_path, labels_path = paths[split]
+        images, labels = read_idx(images_path), read_idx(labels_path)
+        if images.dim() != 3 or labels.dim() != 1 or len(images) != len(labels):
+            raise DatasetCorrupt(f"{images_path} and {labels_path} do not match: images {tuple(images.shape)}, "
+                                 f"labels {tuple(labels.shape)}. Replace them: {_FMNIST_FIX}")
+        if len(labels) and int(labels.max()) >= 10:
+            raise DatasetCorrupt(f"{labels_path} holds label {int(labels.max())}; Fashion-MNIST has 10 classes. "
+                                 f"Replace it: {_FMNIST_FIX}")
+        splits.append(ArrayData(images[:, None].contiguous(), labels.long()))
+    return splits[0], splits[1]
+
+
+# ----------------------------------------------------------------------------- torchvision datasets
+
+def _torchvision_fix(name: str, root: Path) -> str:
+    return (f"run once with network access: python -c \"from aace.data import load_dataset; "
+            f"load_dataset('{name}', data_root='{root}', download=True)\"")
+
+
+def _load_cifar(name: str, root: Path, download: bool) -> tuple[ArrayData, ArrayData]:
+    import torchvision
+    cls = torchvision.datasets.CIFAR10 if name == "cifar10" else torchvision.datasets.CIFAR100
+    splits = []
+    for train in (True, False):
+        try:
+            ds = cls(str(root), train=train, download=download)
+        except RuntimeError as err:
+            raise DatasetNotFound(f"{name} not found or corrupted under {root / cls.base_folder} ({err}). "
+                                  f"To fix: {_torchvision_fix(name, root)}") from err
+        images = torch.from_numpy(ds.data).permute(0, 3, 1, 2).contiguous()
+        splits.append(ArrayData(images, torch.tensor(ds.targets, dtype=torch.int64)))
+    return splits[0], splits[1]
+
+
+def pad_to_square_and_resize(image, size: int = 32) -> torch.Tensor:
+    """Zero-pad a PIL image to a centred square, resize to size x size: uint8 (3, size, size)."""
+    from torchvision.transforms import functional as TF
+    x = TF.pil_to_tensor(image.convert("RGB"))
+    h, w = x.shape[1:]
+    side = max(h, w)
+    top, left = (side - h) // 2, (side - w) // 2
+    x = torch.nn.functional.pad(x, (left, side - w - left, top, side - h - top))
+    return TF.resize(x, [size, size], antialias=True)
+
+
+def _load_food101(root: Path, download: bool) -> tuple[ArrayData, ArrayData]:
+    import torchvision
+    cache = root / "food-101" / "aace_32x32.pt"
+    if cache.is_file():
+        try:
+            stored = torch.load(cache)
+            return ArrayData(*stored["train"]), ArrayData(*stored["test"])
+        except Exception as err:  # noqa: BLE001 - any damage means: rebuild the cache
+            print(f"Food101 cache {cache} is unreadable ({err}); rebuilding it from the images")
+    splits = []
+    for split in ("train", "test"):
+        try:
+            ds = torchvision.datasets.Food101(str(root), split=split, download=download)
+        except RuntimeError as err:
+            raise DatasetNotFound(f"food101 not found under {root / 'food-101'} ({err}). "
+                                  f"To fix: {_torchvision_fix('food101', root)}") from err
+        from tqdm.auto import tqdm
+        images = torch.stack([pad_to_square_and_resize(ds[i][0]) for i in
+                              tqdm(range(len(ds)), desc=f"food101 {split} to 32x32", leave=False)])
+        splits.append(ArrayData(images, torch.tensor(ds._labels, dtype=torch.int64)))
+    tmp = cache.with_suffix(".tmp")
+    torch.save({"train": (splits[0].images, splits[0].labels), "test": (splits[1].images, splits[1].labels)}, tmp)
+    os.replace(tmp, cache)
+    return splits[0], splits[1]
+
+
+def load_dataset(name: str, data_root: str | Path | None = None, download: bool = False) -> tuple[ArrayData, ArrayData]:
+    """(train, test) as uint8 image tensors (N, C, H, W) and int64 labels."""
+    spec(name)
+    root = Path(data_root) if data_root else None
+    if name == "fashion_mnist":
+        return _load_fashion_mnist(root, download)
+    root = root or default_data_root()
+    if name in ("cifar10", "cifar100"):
+        return _load_cifar(name, root, download)
+    return _load_food101(root, download)
+
+
+def stratified_subset(labels: torch.Tensor, size: int, seed: int) -> torch.Tensor:
+    """Indices of ``size`` samples, classes as balanced as the data allows, chosen by ``seed``, sorted."""
+    if not 0 < size <= len(labels):
+        raise ValueError(f"subset size must lie in [1, {len(labels)}], got {size}")
+    g = torch.Generator().manual_seed(seed)
+    classes = torch.unique(labels)
+    per_class = [torch.nonzero(labels == c).flatten() for c in classes]
+    per_class = [idx[torch.randperm(len(idx), generator=g)] for idx in per_class]
+    chosen, remaining, quota_left = [], size, len(classes)
+    for idx in sorted(per_class, key=len):  # small classes first, so their shortfall goes to the others
+        take = min(len(idx), remaining // quota_left)
+        chosen.append(idx[:take])
+        remaining, quota_left = remaining - take, quota_left - 1
+    chosen = torch.cat(chosen)
+    if remaining:  # the remainder of the division: one more from randomly chosen classes
+        used = torch.zeros(len(labels), dtype=torch.bool)
+        used[chosen] = True
+        pool = torch.nonzero(~used).flatten()
+        chosen = torch.cat([chosen, pool[torch.randperm(len(pool), generator=g)[:remaining]]])
+    return torch.sort(chosen).values
+
+
+def mean_std(spec_: DatasetSpec, train: ArrayData) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-channel normalisation constants in [0, 1] pixel units."""
+    if spec_.fixed_mean_std is not None:
+        return torch.tensor(spec_.fixed_mean_std[0]), torch.tensor(spec_.fixed_mean_std[1])
+    x = train.images.double() / 255.0
+    return x.mean(dim=(0, 2, 3)).float(), x.std(dim=(0, 2, 3)).float()
+
+
+# ----------------------------------------------------------------------------- batched augmentation
+
+def random_crop(images: torch.Tensor, padding: int, generator: torch.Generator) -> torch.Tensor:
+    """Zero-pad by ``padding`` and crop back, each image at its own random offset (one gather)."""
+    b, c, h, w = images.shape
+    padded = torch.nn.functional.pad(images, (padding,) * 4)
+    dy = torch.randint(0, 2 * padding + 1, (b,), generator=generator).to(images.device)
+    dx = torch.randint(0, 2 * padding + 1, (b,), generator=generator).to(images.device)
+    rows = (dy[:, None] + torch.arange(h, device=images.device))[:, None, :, None]
+    cols = (dx[:, None] + torch.arange(w, device=images.device))[:, None, None, :]
+    batch = torch.arange(b, device=images.device)[:, None, None, None]
+    chans = torch.arange(c, device=images.device)[None, :, None, None]
+    return padded[batch, chans, rows, cols]
+
+
+def random_flip(images: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+    flip = (torch.rand(len(images), generator=generator) < 0.5).to(images.device)
+    return torch.where(flip[:, None, None, None], images.flip(3), images)
+
+
+def cutout(images: torch.Tensor, size: int, p: float, generator: torch.Generator) -> torch.Tensor:
+    """Cutout (DeVries & Taylor): with probability p, zero a size x size square centred anywhere
+    in the image (clipped at the border)."""
+    b, _, h, w = images.shape
+    cy = torch.randint(0, h, (b,), generator=generator).to(images.device)
+    cx = torch.randint(0, w, (b,), generator=generator).to(images.device)
+    apply = (torch.rand(b, generator=generator) < p).to(images.device)
+    ys = torch.arange(h, device=images.device)
+    xs = torch.arange(w, device=images.device)
+    in_y = (ys[None] >= cy[:, None] - size // 2) & (ys[None] < cy[:, None] + size - size // 2)
+    in_x = (xs[None] >= cx[:, None] - size // 2) & (xs[None] < cx[:, None] + size - size // 2)
+    mask = in_y[:, :, None] & in_x[:, None, :] & apply[:, None, None]
+    return images.masked_fill(mask[:, None], 0.0)
+
+
+class BatchLoader:
+    """Batches of a dataset held in memory, augmented a whole batch at a time.
+
+    Deterministic: epoch ``e`` of a loader with seed ``s`` always yields the same batches, so a run
+    resumed at an epoch boundary sees exactly the data of an uninterrupted one.
+    """
+
+    def __init__(self, data: ArrayData, spec_: DatasetSpec, mean: torch.Tensor, std: torch.Tensor,
+                 batch_size: int, *, train: bool, augment: str = "paper", seed: int = 0,
+                 device: str | torch.device = "cpu", channels_last: bool = False):
+        if augment not in AUGMENTS:
+            raise ValueError(f"augment must be one of {AUGMENTS}, got {augment!r}")
+        self.images = data.images.to(device)
+        self.labels = data.labels.to(device)
+        self.spec, self.batch_size, self.train, self.augment, self.seed = spec_, batch_size, train, augment, seed
+        self.mean = (mean * 255.0).to(device)[None, :, None, None]
+        self.std = (std * 255.0).to(device)[None, :, None, None]
+        self.channels_last = channels_last
+
+    def __len__(self) -> int:
+        return -(-len(self.labels) // self.batch_size)
+
+    def epoch(self, epoch: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        g = torch.Generator().manual_seed(self.seed * 1_000_003 + epoch)
+        n = len(self.labels)
+        order = torch.randperm(n, generator=g).to(self.images.device) if self.train else None
+        for start in range(0, n, self.batch_size):
+            index = order[start:start + self.batch_size] if self.train else slice(start, start + self.batch_size)
+            images, labels = self.images[index], self.labels[index]
+            if self.train and self.augment != "none" and self.spec.crop_flip:
+                images = random_flip(random_crop(images, 4, g), g)
+            elif self.train and self.augment != "none" and self.spec.name == "food101":
+                images = random_flip(images, g)
+            x = (images.float() - self.mean) / self.std
+            if self.train and self.augment == "paper":
+                x = cutout(x, 16, 0.5, g)
+            if self.channels_last:
+                x = x.contiguous(memory_format=torch.channels_last)
+            yield x, labels

@@ -1,0 +1,205 @@
+"""The run store: one folder per run, named by a short hash of the full config.
+
+    runs/<method>-<hash>/config.json     the config, library versions, device, dataset sizes
+                         metrics.csv     one row per epoch
+                         steps.csv       one row per training step (gradient and perturbation norms...)
+                         summary.json    status (running, finished, diverged) and final numbers
+                         checkpoint.pt   model, optimizer and history at the last epoch end
+
+Every file is written to a temporary name and renamed, so a kill never leaves half a file; the
+checkpoint carries a SHA-256 in ``checkpoint.sha256`` so that damage is detected, not loaded.
+"""
+from __future__ import annotations
+
+import csv
+import errno
+import fcntl
+import hashlib
+import io
+import json
+import math
+import os
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from .config import RunConfig
+
+
+def default_runs_dir() -> Path:
+    return Path(os.environ.get("AACE_RUNS", "runs"))
+
+
+def run_dir(config: RunConfig, device: torch.device, runs_dir=None) -> Path:
+    return Path(runs_dir or default_runs_dir()) / f"{config.method}-{config.run_hash(device.type)}"
+
+
+class CorruptRun(RuntimeError):
+    """A stored file is damaged: the message names it and the fix."""
+
+
+def _atomic_write_bytes(path: Path, data: bytes) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "wb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def _atomic_write_text(path: Path, text: str) -> None:
+    _atomic_write_bytes(path, text.encode())
+
+
+def _json(obj) -> str:
+    def clean(v):  # JSON has no NaN: store it as null
+        if isinstance(v, float) and not math.isfinite(v):
+            return None
+        if isinstance(v, dict):
+            return {k: clean(x) for k, x in v.items()}
+        if isinstance(v, (list, tuple)):
+            return [clean(x) for x in v]
+        return v
+    return json.dumps(clean(obj), indent=2, sort_keys=True) + "\n"
+
+
+def write_config(path: Path, config: RunConfig, environment: dict, **extra) -> None:
+    path.mkdir(parents=True, exist_ok=True)
+    _atomic_write_text(path / "config.json", _json({"config": config.to_dict(), "environment": environment,
+                                                     "hash": path.name.split("-")[-1], **extra}))
+
+
+def write_summary(path: Path, summary: dict) -> None:
+    _atomic_write_text(path / "summary.json", _json(summary))
+
+
+def _csv(rows: list[dict]) -> str:
+    buffer = io.StringIO()
+    writer = csv.DictWriter(buffer, fieldnames=list(rows[0]), lineterminator="\n")
+    writer.writeheader()
+    writer.writerows({k: (repr(v) if isinstance(v, float) else v) for k, v in row.items()} for row in rows)
+    return buffer.getvalue()
+
+
+def write_epoch(path: Path, epoch_rows: list[dict], step_stats: torch.Tensor, state: dict | None) -> None:
+    """Checkpoint first, then the CSVs: a CSV never runs ahead of the checkpoint it came from."""
+    from .train import STEP_COLUMNS
+    if state is not None:
+        buffer = io.BytesIO()
+        torch.save(state, buffer)
+        data = buffer.getvalue()
+        _atomic_write_bytes(path / "checkpoint.pt", data)
+        _atomic_write_text(path / "checkpoint.sha256", hashlib.sha256(data).hexdigest() + "\n")
+    _atomic_write_text(path / "metrics.csv", _csv(epoch_rows))
+    steps_per_epoch = len(step_stats) // len(epoch_rows)
+    rows = [{"epoch": i // steps_per_epoch + 1, "step": i + 1,
+             **{name: float(v) for name, v in zip(STEP_COLUMNS, values)}} for i, values in enumerate(step_stats.tolist())]
+    _atomic_write_text(path / "steps.csv", _csv(rows))
+
+
+def load_checkpoint(path: Path, device: torch.device) -> dict | None:
+    file = path / "checkpoint.pt"
+    if not file.exists():
+        return None
+    data = file.read_bytes()
+    digest = (path / "checkpoint.sha256").read_text().strip() if (path / "checkpoint.sha256").exists() else None
+    if digest != hashlib.sha256(data).hexdigest():
+        raise CorruptRun(f"{file} does not match its checksum in checkpoint.sha256 (damaged or truncated). "
+                         f"To start this run again from scratch: python -m aace train ... --restart, "
+                         f"or delete the folder {path}")
+    return torch.load(io.BytesIO(data), map_location=device, weights_only=False)
+
+
+def clear(path: Path) -> None:
+    for name in ("checkpoint.pt", "checkpoint.sha256", "metrics.csv", "steps.csv", "summary.json", "config.json"):
+        (path / name).unlink(missing_ok=True)
+
+
+class RunLock:
+    """An exclusive lock on a run folder: a second process on the same run waits for the first."""
+
+    def __init__(self, path: Path):
+        self.path = path
+
+    def __enter__(self):
+        self.path.mkdir(parents=True, exist_ok=True)
+        self.file = open(self.path / "lock", "w")
+        try:
+            fcntl.flock(self.file, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError as err:
+            if err.errno not in (errno.EAGAIN, errno.EACCES):
+                raise
+            print(f"run {self.path} is in use by another process; waiting for it to finish", file=sys.stderr)
+            fcntl.flock(self.file, fcntl.LOCK_EX)
+        return self
+
+    def __exit__(self, *exc):
+        fcntl.flock(self.file, fcntl.LOCK_UN)
+        self.file.close()
+
+
+@dataclass
+class Run:
+    """A stored run: its folder, config, per-epoch metrics, per-step statistics and summary."""
+    path: Path
+    config: RunConfig
+    info: dict
+    metrics: "object"   # pandas.DataFrame
+    steps: "object"     # pandas.DataFrame
+    summary: dict
+
+    @property
+    def status(self) -> str:
+        return self.summary.get("status", "unknown")
+
+    @property
+    def finished(self) -> bool:
+        return self.status == "finished"
+
+
+def _read_json(file: Path) -> dict:
+    try:
+        return json.loads(file.read_text())
+    except (OSError, ValueError) as err:
+        raise CorruptRun(f"{file} is unreadable ({err}). To redo the run: delete {file.parent} "
+                         f"or train it again with --restart") from err
+
+
+def load_run(path: Path, missing_ok: bool = False) -> Run | None:
+    import pandas as pd
+    path = Path(path)
+    if not (path / "config.json").exists():
+        if missing_ok:
+            return None
+        raise FileNotFoundError(f"no run stored in {path}")
+    info = _read_json(path / "config.json")
+    summary = _read_json(path / "summary.json") if (path / "summary.json").exists() else {"status": "unknown"}
+    frames = []
+    for name in ("metrics.csv", "steps.csv"):
+        try:
+            frames.append(pd.read_csv(path / name) if (path / name).exists() else pd.DataFrame())
+        except (OSError, ValueError) as err:
+            raise CorruptRun(f"{path / name} is unreadable ({err}); it is rewritten from the checkpoint at the "
+                             f"next epoch end, or delete {path} to redo the run") from err
+    if summary.get("status") == "finished" and len(frames[0]) != summary.get("epochs"):
+        raise CorruptRun(f"{path / 'metrics.csv'} has {len(frames[0])} epochs, summary.json says "
+                         f"{summary.get('epochs')}: the run folder is inconsistent; delete {path} to redo it")
+    return Run(path, RunConfig(**info["config"]), info, frames[0], frames[1], summary)
+
+
+def list_runs(runs_dir=None) -> list[Run]:
+    root = Path(runs_dir or default_runs_dir())
+    if not root.is_dir():
+        return []
+    runs = []
+    for folder in sorted(root.iterdir()):
+        if (folder / "config.json").exists():
+            try:
+                runs.append(load_run(folder))
+            except (CorruptRun, TypeError, ValueError) as err:
+                print(f"skipping {folder}: {err}", file=sys.stderr)
+    return runs
+
+

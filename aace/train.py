@@ -1,0 +1,252 @@
+"""One run: a RunConfig in; metrics, a summary and a checkpoint out, in the run store.
+
+Every method shares one loop. Per step: forward and backward with the perturbation loss (CE for SAM,
+AACE for SAM+AACE), ``first_step`` to w + e, forward and backward at w + e with the update loss under
+``frozen_bn_stats``, ``second_step`` back to w and the SGD step. SGD does one pass with the update loss.
+Metrics stay on the device during an epoch and reach the host once per epoch.
+"""
+from __future__ import annotations
+
+import math
+import os
+import platform
+import time
+
+import torch
+
+from . import store
+from .config import RunConfig
+from .data import BatchLoader, load_dataset, mean_std, spec, stratified_subset
+from .losses import aace_loss, cross_entropy
+from .models import build_model
+from .sam import SAM, frozen_bn_stats
+
+STEP_COLUMNS = ("lr", "ce_loss", "aace_loss", "grad_norm", "perturbation_norm", "perturbation_cosine",
+                "train_loss", "train_correct")
+EPOCH_COLUMNS = ("epoch", "lr", "ce_loss", "aace_loss", "grad_norm", "perturbation_norm", "perturbation_cosine",
+                 "train_loss", "train_acc", "test_loss", "test_acc", "epoch_seconds", "images_per_second")
+
+
+class Diverged(RuntimeError):
+    pass
+
+
+def resolve_device(device: str) -> torch.device:
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if device == "cuda" and not torch.cuda.is_available():
+        raise ValueError("RunConfig.device: 'cuda' asked for but no CUDA device is available; use 'auto' or 'cpu'")
+    return torch.device(device)
+
+
+def learning_rate(config: RunConfig, step: int, total_steps: int) -> float:
+    """Learning rate at a global step (stepped per batch): the authors' x0.2 at 30/60/80 %, or cosine."""
+    if config.lr_schedule == "cosine":
+        return config.lr * 0.5 * (1.0 + math.cos(math.pi * step / total_steps))
+    passed = sum(step >= int(fraction * total_steps) for fraction in (0.3, 0.6, 0.8))
+    return config.lr * 0.2 ** passed
+
+
+def environment(device: torch.device) -> dict:
+    import torchvision
+    info = {"torch": torch.__version__, "torchvision": torchvision.__version__, "python": platform.python_version(),
+            "device": str(device), "threads": torch.get_num_threads(), "machine": platform.machine()}
+    if device.type == "cuda":
+        info["gpu"] = torch.cuda.get_device_name(device)
+    return info
+
+
+def prepare_data(config: RunConfig, device: torch.device):
+    dspec = spec(config.dataset)
+    train, test = load_dataset(config.dataset, config.data_root, config.download)
+    mean, std = mean_std(dspec, train)  # the full training set's statistics, as the authors' code
+    if config.train_subset:
+        train = train.subset(stratified_subset(train.labels, config.train_subset, config.subset_seed))
+    if config.test_subset:
+        test = test.subset(stratified_subset(test.labels, config.test_subset, config.subset_seed))
+    channels_last = device.type == "cuda"
+    train_loader = BatchLoader(train, dspec, mean, std, config.batch_size, train=True, augment=config.augment,
+                               seed=config.seed, device=device, channels_last=channels_last)
+    test_loader = BatchLoader(test, dspec, mean, std, 1000, train=False, device=device, channels_last=channels_last)
+    return dspec, train_loader, test_loader
+
+
+def make_optimizer(config: RunConfig, model: torch.nn.Module):
+    base = dict(lr=config.lr, momentum=config.momentum, weight_decay=config.weight_decay, nesterov=config.nesterov)
+    if config.method == "sgd":
+        return torch.optim.SGD(model.parameters(), **base)
+    return SAM(model.parameters(), torch.optim.SGD, rho=config.rho, normalize=config.normalize,
+               ascent=config.method == "sam", adaptive=config.adaptive, track_cosine=True, **base)
+
+
+@torch.inference_mode()
+def evaluate(model: torch.nn.Module, loader: BatchLoader) -> tuple[float, float]:
+    model.eval()
+    loss = torch.zeros((), device=loader.labels.device)
+    correct = torch.zeros((), device=loader.labels.device)
+    for x, y in loader.epoch(0):
+        logits = model(x)
+        loss += torch.nn.functional.cross_entropy(logits.float(), y, reduction="sum")
+        correct += (logits.argmax(1) == y).sum()
+    n = len(loader.labels)
+    return loss.item() / n, correct.item() / n
+
+
+def train_epoch(config, model, optimizer, loader, epoch, total_steps, loss_generator, progress=None):
+    """One epoch; returns the per-step statistics as one (steps, len(STEP_COLUMNS)) device tensor."""
+    model.train()
+    steps_per_epoch = len(loader)
+    stats = torch.empty(steps_per_epoch, len(STEP_COLUMNS), device=loader.labels.device)
+    nan = torch.full((), float("nan"), device=loader.labels.device)
+    for i, (x, y) in enumerate(loader.epoch(epoch)):
+        lr = learning_rate(config, epoch * steps_per_epoch + i, total_steps)
+        for group in optimizer.param_groups:
+            group["lr"] = lr
+        logits = model(x)
+        with torch.no_grad():
+            ce = cross_entropy(logits.detach(), y)
+            aace_value = aace_loss(logits.detach(), y)
+            correct = (logits.detach().argmax(1) == y).sum()
+        if config.method == "sgd":
+            loss = cross_entropy(logits, y, config.label_smoothing)
+            loss.backward()
+            grads = [p.grad for p in model.parameters() if p.grad is not None]
+            grad_norm = torch.linalg.vector_norm(torch.stack(torch._foreach_norm(grads)))
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            e_norm, cosine, train_loss = torch.zeros_like(nan), nan, loss.detach()
+        else:
+            if config.method == "sam":
+                perturbation_loss = cross_entropy(logits, y)
+            else:
+                perturbation_loss = aace_loss(logits, y, config.aace_mode, config.aace_threshold,
+                                              target_norm=config.aace_target, generator=loss_generator)
+            perturbation_loss.backward()
+            grad_norm, e_norm = optimizer.first_step(zero_grad=True)
+            with frozen_bn_stats(model):
+                loss = cross_entropy(model(x), y, config.label_smoothing)
+            loss.backward()
+            optimizer.second_step(zero_grad=True)
+            cosine, train_loss = optimizer.perturbation_cosine, loss.detach()
+        stats[i] = torch.stack([torch.as_tensor(lr, device=nan.device, dtype=torch.float32), ce, aace_value,
+                                grad_norm, e_norm, cosine, train_loss, correct.float()])
+        if progress is not None:
+            progress.update(1)
+    return stats
+
+
+def _loss_generator(config: RunConfig, epoch: int, device: torch.device) -> torch.Generator | None:
+    if config.method != "aace" or config.aace_mode != "rand":
+        return None
+    return torch.Generator(device=device).manual_seed(config.seed * 1_000_003 + epoch + 7)
+
+
+def _first_non_finite(stats: torch.Tensor) -> tuple[int, str] | None:
+    losses = {"perturbation loss": stats[:, STEP_COLUMNS.index("aace_loss")], "CE": stats[:, STEP_COLUMNS.index("ce_loss")],
+              "update loss": stats[:, STEP_COLUMNS.index("train_loss")]}
+    bad = [(int(torch.nonzero(~torch.isfinite(v))[0]), name) for name, v in losses.items() if not torch.isfinite(v).all()]
+    return min(bad) if bad else None
+
+
+def run(config: RunConfig, runs_dir: str | os.PathLike | None = None, *, progress: bool = True,
+        restart: bool = False) -> store.Run:
+    """Train ``config`` (or return its stored result) and return the run.
+
+    A finished run is read back without training; an interrupted one resumes from its last epoch-end
+    checkpoint and ends with the same numbers, bit for bit on the CPU, as an uninterrupted run.
+    ``restart=True`` discards whatever the store holds for this config and trains from scratch.
+    """
+    device = resolve_device(config.device)
+    run_dir = store.run_dir(config, device, runs_dir)
+    with store.RunLock(run_dir):
+        if restart:
+            store.clear(run_dir)
+        existing = store.load_run(run_dir, missing_ok=True)
+        if existing is not None and existing.summary.get("status") in ("finished", "diverged"):
+            return existing
+        return _train(config, device, run_dir, progress)
+
+
+def _train(config: RunConfig, device: torch.device, run_dir, progress: bool) -> store.Run:
+    if config.threads:
+        torch.set_num_threads(config.threads)
+    dspec, train_loader, test_loader = prepare_data(config, device)
+    torch.manual_seed(config.seed)
+    model = build_model(config.model, dspec.num_classes, dspec.channels, config.model_variant).to(device)
+    if device.type == "cuda":
+        model = model.to(memory_format=torch.channels_last)
+    optimizer = make_optimizer(config, model)
+    epochs_done, epoch_rows, step_stats, wall = 0, [], [], 0.0
+    checkpoint = store.load_checkpoint(run_dir, device)
+    if checkpoint is not None:
+        model.load_state_dict(checkpoint["model"])
+        optimizer.load_state_dict(checkpoint["optimizer"])
+        epochs_done, epoch_rows = checkpoint["epoch"], checkpoint["epoch_rows"]
+        step_stats, wall = [checkpoint["step_stats"]], checkpoint["wall_seconds"]
+        if "perturbation" in checkpoint and isinstance(optimizer, SAM):
+            optimizer._previous_perturbation = checkpoint["perturbation"]
+    else:
+        store.write_config(run_dir, config, environment(device), train_size=len(train_loader.labels),
+                           test_size=len(test_loader.labels))
+    store.write_summary(run_dir, {"status": "running", "epochs_done": epochs_done, "epochs": config.epochs})
+
+    total_steps = config.epochs * len(train_loader)
+    bar = None
+    if progress:
+        from tqdm.auto import tqdm
+        bar = tqdm(total=total_steps, initial=epochs_done * len(train_loader), unit="step",
+                   desc=f"{config.label()} {config.dataset}", dynamic_ncols=True)
+    try:
+        for epoch in range(epochs_done, config.epochs):
+            start = time.perf_counter()
+            stats = train_epoch(config, model, optimizer, train_loader, epoch, total_steps,
+                                _loss_generator(config, epoch, device), bar)
+            stats = stats.cpu()  # the epoch's one host synchronisation for training metrics
+            bad = _first_non_finite(stats)
+            test_loss, test_acc = evaluate(model, test_loader)
+            seconds = time.perf_counter() - start
+            wall += seconds
+            row = _epoch_row(epoch, stats, len(train_loader.labels), test_loss, test_acc, seconds)
+            epoch_rows.append(row)
+            step_stats.append(stats)
+            if bad is not None:
+                summary = {"status": "diverged", "epoch": epoch + 1, "step": epoch * len(train_loader) + bad[0] + 1,
+                           "loss": bad[1], "epochs": config.epochs, "wall_seconds": wall}
+                store.write_epoch(run_dir, epoch_rows, torch.cat(step_stats), None)
+                store.write_summary(run_dir, summary)
+                if bar is not None:
+                    bar.write(f"diverged: non-finite {bad[1]} at epoch {epoch + 1}, step {summary['step']}")
+                break
+            state = {"model": model.state_dict(), "optimizer": optimizer.state_dict(), "epoch": epoch + 1,
+                     "epoch_rows": epoch_rows, "step_stats": torch.cat(step_stats), "wall_seconds": wall}
+            if isinstance(optimizer, SAM) and optimizer._previous_perturbation is not None:
+                state["perturbation"] = optimizer._previous_perturbation  # for the next epoch's first cosine
+            store.write_epoch(run_dir, epoch_rows, state["step_stats"], state)
+            step_stats = [state["step_stats"]]
+            if bar is not None:
+                bar.set_postfix(loss=f"{row['train_loss']:.3f}", acc=f"{row['train_acc']:.3f}",
+                                test=f"{row['test_acc']:.3f}", img_s=f"{row['images_per_second']:.0f}")
+        else:
+            final = epoch_rows[-1]
+            store.write_summary(run_dir, {"status": "finished", "epochs": config.epochs, "wall_seconds": wall,
+                                          **{k: final[k] for k in ("train_acc", "test_acc", "test_loss",
+                                                                    "ce_loss", "aace_loss", "train_loss")},
+                                          "images_per_second": sum(r["images_per_second"] for r in epoch_rows)
+                                          / len(epoch_rows)})
+    finally:
+        if bar is not None:
+            bar.close()
+    return store.load_run(run_dir)
+
+
+def _epoch_row(epoch, stats, n_train, test_loss, test_acc, seconds) -> dict:
+    col = {name: stats[:, i] for i, name in enumerate(STEP_COLUMNS)}
+    cos = col["perturbation_cosine"]
+    cos = cos[~torch.isnan(cos)]
+    return {"epoch": epoch + 1, "lr": float(col["lr"][-1]),
+            **{k: float(col[k].mean()) for k in ("ce_loss", "aace_loss", "grad_norm", "perturbation_norm",
+                                                 "train_loss")},
+            "perturbation_cosine": float(cos.mean()) if len(cos) else float("nan"),
+            "train_acc": float(col["train_correct"].sum()) / n_train,
+            "test_loss": test_loss, "test_acc": test_acc, "epoch_seconds": seconds,
+            "images_per_second": n_train / seconds}

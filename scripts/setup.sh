@@ -1,0 +1,27 @@
+#!/usr/bin/env bash
+# Set up a fresh machine: Debian packages (as root), the virtual environment at .venv, the aace package.
+# Usage: scripts/setup.sh [--test]   (--test also installs Chromium for the book's browser checks)
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+debian_packages=()
+[[ -d /usr/share/datasets/fashion-mnist ]] || debian_packages+=(dataset-fashion-mnist)
+if [[ ${1:-} == --test ]] && ! command -v chromium >/dev/null; then debian_packages+=(chromium); fi
+if ((${#debian_packages[@]})); then
+  if [[ $(id -u) == 0 ]]; then
+    apt-get install -y -q "${debian_packages[@]}" >/dev/null || { apt-get update -q >/dev/null && apt-get install -y -q "${debian_packages[@]}" >/dev/null; }
+  else
+    echo "Missing Debian packages: ${debian_packages[*]}. Install them with:" >&2
+    echo "  sudo apt-get install ${debian_packages[*]}" >&2
+    echo "(or give Fashion-MNIST's IDX files another way: see README, 'Data')" >&2
+  fi
+fi
+
+stamp=.venv/.aace-installed
+if [[ ! -f $stamp || requirements.txt -nt $stamp || pyproject.toml -nt $stamp ]]; then
+  [[ -x .venv/bin/python ]] || python3 -m venv .venv
+  # torch 2.14.1 and torchvision 0.29.1 install from this machine's disk; pip, not uv or poetry.
+  .venv/bin/pip install -q --disable-pip-version-check -r requirements.txt
+  .venv/bin/pip install -q --disable-pip-version-check --no-deps -e .
+  touch "$stamp"
+fi

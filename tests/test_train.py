@@ -1,0 +1,171 @@
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from aace import store
+from aace.cli import main as cli_main
+from aace.config import PROFILES, RunConfig, profile_config
+from aace.train import learning_rate, run
+
+FAST = dict(epochs=2, train_subset=128, test_subset=100, batch_size=32)
+
+
+def smoke(method="sam", **kw):
+    return profile_config("smoke", method=method, **{**FAST, **kw})
+
+
+def final_weights(result):
+    return torch.load(result.path / "checkpoint.pt", weights_only=False)["model"]
+
+
+@pytest.mark.parametrize("method", ["sgd", "sam", "aace"])
+def test_smoke_run_for_each_method(tmp_path, method):
+    result = run(smoke(method), tmp_path, progress=False)
+    assert result.finished
+    m = result.metrics
+    assert list(m["epoch"]) == [1, 2]
+    for column in ("lr", "ce_loss", "aace_loss", "grad_norm", "perturbation_norm", "train_loss", "train_acc",
+                   "test_loss", "test_acc", "perturbation_cosine", "epoch_seconds", "images_per_second"):
+        assert column in m
+    assert len(result.steps) == 2 * 4
+    if method == "sam":
+        assert (result.steps["perturbation_norm"] - 0.05).abs().max() < 1e-5
+    if method == "aace":  # unnormalised: ||e|| = rho * ||g_AACE||
+        torch.testing.assert_close(torch.tensor(result.steps["perturbation_norm"].values),
+                                   0.2 * torch.tensor(result.steps["grad_norm"].values), rtol=1e-4, atol=1e-7)
+    if method == "sgd":
+        assert (result.steps["perturbation_norm"] == 0).all()
+    info = json.loads((result.path / "config.json").read_text())
+    assert info["environment"]["torch"] == torch.__version__ and info["train_size"] == 128
+
+
+def test_finished_run_is_read_back_not_retrained(tmp_path):
+    first = run(smoke(), tmp_path, progress=False)
+    stamp = (first.path / "checkpoint.pt").stat().st_mtime_ns
+    again = run(smoke(), tmp_path, progress=False)
+    assert (again.path / "checkpoint.pt").stat().st_mtime_ns == stamp
+    assert again.summary == first.summary
+
+
+def test_same_config_same_numbers_bit_for_bit(tmp_path):
+    a = run(smoke("aace"), tmp_path / "a", progress=False)
+    b = run(smoke("aace"), tmp_path / "b", progress=False)
+    assert a.metrics.drop(columns=["epoch_seconds", "images_per_second"]).equals(
+        b.metrics.drop(columns=["epoch_seconds", "images_per_second"]))
+    wa, wb = final_weights(a), final_weights(b)
+    assert all(torch.equal(wa[k], wb[k]) for k in wa)
+
+
+def _wait_for(path: Path, timeout=120):
+    start = time.time()
+    while not path.exists():
+        if time.time() - start > timeout:
+            raise TimeoutError(path)
+        time.sleep(0.05)
+
+
+def test_kill_and_resume_bit_for_bit(tmp_path):
+    """SIGKILL a real run after its first checkpoint, resume it: same numbers and weights as uninterrupted."""
+    args = ["--profile", "smoke", "--method", "aace", "--epochs", "5", "--train-subset", "512",
+            "--test-subset", "100", "--batch-size", "32", "--no-progress"]
+    reference = run(profile_config("smoke", method="aace", epochs=5, train_subset=512, test_subset=100,
+                                   batch_size=32), tmp_path / "ref", progress=False)
+    env = {**os.environ, "AACE_RUNS": str(tmp_path / "killed")}
+    proc = subprocess.Popen([sys.executable, "-m", "aace", "train", *args], env=env)
+    _wait_for(reference.path.parent.parent / "killed" / reference.path.name / "checkpoint.sha256")
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    killed_dir = tmp_path / "killed" / reference.path.name
+    assert json.loads((killed_dir / "summary.json").read_text())["status"] == "running"
+    assert torch.load(killed_dir / "checkpoint.pt", weights_only=False)["epoch"] < 5
+    assert cli_main(["train", *args, "--runs-dir", str(tmp_path / "killed")]) == 0
+    resumed = store.load_run(killed_dir)
+    cols = [c for c in resumed.metrics if c not in ("epoch_seconds", "images_per_second")]
+    assert resumed.metrics[cols].equals(reference.metrics[cols])
+    wa, wb = final_weights(resumed), final_weights(reference)
+    assert all(torch.equal(wa[k], wb[k]) for k in wa)
+
+
+def test_corrupt_checkpoint_detected_and_restart(tmp_path):
+    config = smoke(epochs=3)
+    result = run(smoke(epochs=3), tmp_path, progress=False)
+    store.write_summary(result.path, {"status": "running"})
+    data = (result.path / "checkpoint.pt").read_bytes()
+    (result.path / "checkpoint.pt").write_bytes(data[: len(data) // 2])
+    with pytest.raises(store.CorruptRun, match="checkpoint.pt.*checksum.*--restart"):
+        run(config, tmp_path, progress=False)
+    fresh = run(config, tmp_path, progress=False, restart=True)
+    assert fresh.finished and fresh.metrics.drop(columns=["epoch_seconds", "images_per_second"]).equals(
+        result.metrics.drop(columns=["epoch_seconds", "images_per_second"]))
+
+
+def test_divergence_recorded(tmp_path):
+    result = run(smoke("sgd", lr=1e6), tmp_path, progress=False)
+    assert result.status == "diverged"
+    assert result.summary["epoch"] >= 1 and result.summary["step"] >= 1 and result.summary["loss"]
+
+
+def test_learning_rate_schedules():
+    config = RunConfig(epochs=10, lr=0.1, lr_schedule="step")
+    assert [round(learning_rate(config, s, 100), 6) for s in (0, 29, 30, 59, 60, 79, 80, 99)] == \
+        [0.1, 0.1, 0.02, 0.02, 0.004, 0.004, 0.0008, 0.0008]
+    cosine = config.replace(lr_schedule="cosine")
+    assert learning_rate(cosine, 0, 100) == 0.1 and abs(learning_rate(cosine, 50, 100) - 0.05) < 1e-12
+
+
+def test_method_defaults_and_labels():
+    assert RunConfig(method="sam").rho == 0.05 and RunConfig(method="sam").normalize is True
+    aace = RunConfig(method="aace")
+    assert aace.rho == 0.2 and aace.normalize is False
+    assert aace.replace(method="sam").rho == 0.05
+    assert aace.replace(normalize=True, rho=0.05).label() == "SAM+AACE (rho 0.05, normalised)"
+    assert RunConfig(method="sam").run_hash("cpu") != RunConfig(method="sam", seed=1).run_hash("cpu")
+    assert RunConfig(method="sam").run_hash("cpu") == RunConfig(method="sam", threads=1).run_hash("cpu")
+    assert RunConfig(method="sam").run_hash("cpu") != RunConfig(method="sam").run_hash("cuda")
+
+
+@pytest.mark.parametrize("field,value,allowed", [
+    ("method", "adam", "sgd"), ("dataset", "mnist", "fashion_mnist"), ("model", "resnet-18", "wrn-D-K"),
+    ("rho", -0.1, ">= 0"), ("rho", float("nan"), ">= 0"), ("epochs", 0, "integer >= 1"), ("epochs", 2.5, "integer"),
+    ("batch_size", True, "integer"), ("lr_schedule", "linear", "cosine"), ("aace_mode", "adaptive", "ada"),
+    ("aace_threshold", 2.0, r"\[0.0, 1.0\]"), ("label_smoothing", 1.0, r"\[0, 1\)"), ("momentum", -1, "number"),
+    ("train_subset", 0, "integer >= 1"), ("seed", -1, ">= 0"), ("device", "tpu", "cuda"), ("normalize", "yes", "True"),
+    ("augment", "heavy", "paper"), ("model_variant", "paper", "authors"),
+])
+def test_config_validation_names_field_and_allowed_values(field, value, allowed):
+    with pytest.raises(ValueError, match=rf"RunConfig\.{field}.*{allowed}"):
+        RunConfig(**{field: value})
+
+
+def test_profiles_are_valid_and_overridable():
+    for name in PROFILES:
+        assert profile_config(name).epochs >= 1
+    assert profile_config("paper").batch_size == 256 and profile_config("paper").model == "wrn-28-10"
+    assert profile_config("cpu", epochs=3).epochs == 3
+    with pytest.raises(ValueError, match="unknown RunConfig field"):
+        profile_config("cpu", epoch=3)
+    with pytest.raises(ValueError, match="profile"):
+        profile_config("gpu")
+
+
+def test_cli_usage_errors_name_the_option(capsys):
+    with pytest.raises(SystemExit) as err:
+        cli_main(["train", "--profile", "smoke", "--epochs", "many"])
+    assert err.value.code == 2 and "--epochs" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        cli_main(["train", "--profile", "smoke", "--rho", "-1"])
+    assert "RunConfig.rho" in capsys.readouterr().err
+
+
+def test_cli_runs_lists_stored_runs(tmp_path, capsys):
+    run(smoke("sgd"), tmp_path, progress=False)
+    assert cli_main(["runs", "--runs-dir", str(tmp_path)]) == 0
+    out = capsys.readouterr().out
+    assert "SGD" in out and "finished" in out
