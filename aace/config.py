@@ -156,7 +156,7 @@ PROFILES: dict[str, dict] = {
     "paper": dict(dataset="cifar100", model="wrn-28-10", model_variant="authors", epochs=200, batch_size=256,
                   lr=0.1, lr_schedule="step", momentum=0.9, weight_decay=5e-4, augment="paper", seed=42),
     "cpu": dict(dataset="fashion_mnist", model="wrn-10-1", epochs=40, batch_size=128, lr=0.1,
-                lr_schedule="cosine", augment="no_cutout", train_subset=1000, test_subset=2000, seed=0),
+                lr_schedule="cosine", augment="no_cutout", train_subset=1000, test_subset=1000, seed=0),
     "smoke": dict(dataset="fashion_mnist", model="wrn-10-1", epochs=3, batch_size=64, lr=0.1,
                   lr_schedule="cosine", augment="paper", train_subset=256, test_subset=256, seed=0),
 }

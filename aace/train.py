@@ -64,7 +64,7 @@ def prepare_data(config: RunConfig, device: torch.device):
         train = train.subset(stratified_subset(train.labels, config.train_subset, config.subset_seed))
     if config.test_subset:
         test = test.subset(stratified_subset(test.labels, config.test_subset, config.subset_seed))
-    channels_last = device.type == "cuda"
+    channels_last = True  # measured on 2 CPU cores: WRN-10-1 SAM step 0.25 s -> 0.17 s; standard on GPUs
     train_loader = BatchLoader(train, dspec, mean, std, config.batch_size, train=True, augment=config.augment,
                                seed=config.seed, device=device, channels_last=channels_last)
     test_loader = BatchLoader(test, dspec, mean, std, 1000, train=False, device=device, channels_last=channels_last)
@@ -173,8 +173,7 @@ def _train(config: RunConfig, device: torch.device, run_dir, progress: bool) -> 
     dspec, train_loader, test_loader = prepare_data(config, device)
     torch.manual_seed(config.seed)
     model = build_model(config.model, dspec.num_classes, dspec.channels, config.model_variant).to(device)
-    if device.type == "cuda":
-        model = model.to(memory_format=torch.channels_last)
+    model = model.to(memory_format=torch.channels_last)
     optimizer = make_optimizer(config, model)
     epochs_done, epoch_rows, step_stats, wall = 0, [], [], 0.0
     checkpoint = store.load_checkpoint(run_dir, device)

@@ -1,0 +1,199 @@
+"""What the notebooks call: build the runs a page needs, train the missing ones, summarise over seeds."""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+from .config import RunConfig, profile_config
+from .store import Run
+from .train import run
+
+# Seeds per profile for the main comparison; ablations use the first one.
+DEFAULT_SEEDS = {"paper": [42], "cpu": [0, 1, 2], "smoke": [0]}
+
+# t quantiles (two-sided 95 %) for small samples; beyond 30 the normal value is close enough.
+_T95 = {1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776, 5: 2.571, 6: 2.447, 7: 2.365, 8: 2.306, 9: 2.262, 10: 2.228,
+        15: 2.131, 20: 2.086, 30: 2.042}
+
+
+def t95(dof: int) -> float:
+    if dof < 1:
+        return float("nan")
+    usable = [k for k in _T95 if k <= dof]
+    return _T95[max(usable)] if dof <= 30 else 1.96
+
+
+@dataclass(frozen=True)
+class Arm:
+    """One column of a comparison: a name and the RunConfig fields that define it."""
+    name: str
+    settings: tuple  # ((field, value), ...), hashable
+
+    @staticmethod
+    def of(name: str, **settings) -> "Arm":
+        return Arm(name, tuple(sorted(settings.items())))
+
+
+MAIN_ARMS = {
+    "sgd": Arm.of("SGD", method="sgd"),
+    "sam": Arm.of("SAM", method="sam"),
+    "aace": Arm.of("SAM+AACE", method="aace"),
+}
+
+
+def check_choice(name: str, value, allowed) -> None:
+    """Raise a ValueError naming a notebook parameter and the values it allows."""
+    values = value if isinstance(value, (list, tuple)) else [value]
+    bad = [v for v in values if v not in allowed]
+    if bad or (isinstance(value, (list, tuple)) and not value):
+        raise ValueError(f"parameter {name!r}: expected values from {list(allowed)}, got {value!r}")
+
+
+def resolve_seeds(profile: str, seeds) -> list[int]:
+    if seeds is None:
+        if profile not in DEFAULT_SEEDS:
+            raise ValueError(f"parameter 'profile': expected one of {list(DEFAULT_SEEDS)}, got {profile!r}")
+        return DEFAULT_SEEDS[profile]
+    if not (isinstance(seeds, (list, tuple)) and seeds and all(isinstance(s, int) and s >= 0 for s in seeds)):
+        raise ValueError(f"parameter 'seeds': expected a non-empty list of integers >= 0 or None, got {seeds!r}")
+    return list(seeds)
+
+
+def configs(profile: str, arms: list[Arm], seeds: list[int], **overrides) -> dict[Arm, list[RunConfig]]:
+    """RunConfigs for every arm and seed; the arm's settings win over the page-wide overrides."""
+    return {arm: [profile_config(profile, **{**overrides, **dict(arm.settings), "seed": s}) for s in seeds]
+            for arm in arms}
+
+
+def ensure(grid: dict[Arm, list[RunConfig]], runs_dir=None, progress: bool = False) -> dict[Arm, list[Run]]:
+    """Train whatever the store does not hold yet; return the runs arm by arm."""
+    return {arm: [run(c, runs_dir, progress=progress) for c in cfgs] for arm, cfgs in grid.items()}
+
+
+def spread(values: list[float]) -> dict:
+    """Mean, standard deviation, 95 % t-interval half-width and n of a list of numbers."""
+    n = len(values)
+    mean = sum(values) / n if n else float("nan")
+    std = math.sqrt(sum((v - mean) ** 2 for v in values) / (n - 1)) if n > 1 else float("nan")
+    return {"mean": mean, "std": std, "ci95": t95(n - 1) * std / math.sqrt(n) if n > 1 else float("nan"), "n": n}
+
+
+def final(runs: list[Run], column: str) -> list[float]:
+    """The last epoch's value of a metric for each finished run (diverged runs are left out)."""
+    return [float(r.metrics[column].iloc[-1]) for r in runs if r.finished]
+
+
+def format_spread(s: dict, scale: float = 100.0, digits: int = 2) -> str:
+    if s["n"] == 0:
+        return "diverged"
+    if s["n"] == 1:
+        return f"{scale * s['mean']:.{digits}f} (1 run)"
+    return f"{scale * s['mean']:.{digits}f} ± {scale * s['std']:.{digits}f} (n={s['n']}, 95% CI ± {scale * s['ci95']:.{digits}f})"
+
+
+def paired_difference(a: list[Run], b: list[Run], column: str = "test_acc") -> dict:
+    """Mean of (b - a) over seeds present and finished in both, with a paired 95 % t-interval."""
+    by_seed_a = {r.config.seed: r for r in a if r.finished}
+    diffs = [float(r.metrics[column].iloc[-1]) - float(by_seed_a[r.config.seed].metrics[column].iloc[-1])
+             for r in b if r.finished and r.config.seed in by_seed_a]
+    return spread(diffs)
+
+
+def describe(config: RunConfig) -> str:
+    """Where a number came from: the profile-level facts a reader needs beside a cell."""
+    subset = f"{config.train_subset} train / {config.test_subset or 'all'} test images" if config.train_subset \
+        else "full data"
+    return f"{config.model} ({config.model_variant}), {config.epochs} epochs, {subset}, {config.lr_schedule} lr, " \
+           f"augment {config.augment}"
+
+
+def published_results():
+    """Published numbers (the AACE authors' logs, the SAM paper, davda54/sam), one row each, with source."""
+    from importlib import resources
+
+    import pandas as pd
+    with resources.files("aace").joinpath("reference/published_results.csv").open() as f:
+        return pd.read_csv(f, dtype=str, keep_default_na=False)
+
+
+def published_for(dataset: str, family: str):
+    """Published rows for one of our dataset names and a model family ('WRN' or 'PyramidNet')."""
+    table = published_results()
+    name = dataset.replace("_", "")
+    keep = table["dataset"].str.split(";").apply(lambda ds: name in ds) & table["model"].str.contains(family)
+    return table[keep]
+
+
+# What Tables 2 and 3 run by default, per profile. The paper's tables cover four datasets; on 2 CPU
+# cores only the embedded default is affordable, and PyramidNet (slow on a CPU: many small layers)
+# gets fewer epochs and one seed there.
+TABLES = {
+    "table2": {"family": "WRN",
+               "paper": dict(datasets=["cifar10", "cifar100", "fashion_mnist", "food101"], model="wrn-28-10"),
+               "cpu": dict(datasets=["fashion_mnist"]), "smoke": dict(datasets=["fashion_mnist"])},
+    "table3": {"family": "PyramidNet",
+               "paper": dict(datasets=["cifar10", "cifar100", "fashion_mnist", "food101"],
+                             model="pyramidnet-272-200", batch_size=64),
+               "cpu": dict(datasets=["fashion_mnist"], model="pyramidnet-11-16", epochs=20, seeds=1),
+               "smoke": dict(datasets=["fashion_mnist"], model="pyramidnet-11-8")},
+}
+
+
+def table(page: str, profile: str, datasets=None, methods=("sgd", "sam", "aace"), seeds=None, model=None,
+          overrides=None, runs_dir=None):
+    """Train (or read) every dataset x method cell of Table 2 or 3; returns (runs, our table)."""
+    import pandas as pd
+    if page not in TABLES:
+        raise ValueError(f"page must be one of {list(TABLES)}, got {page!r}")
+    check_choice("profile", profile, DEFAULT_SEEDS)
+    check_choice("methods", list(methods), MAIN_ARMS)
+    defaults = dict(TABLES[page][profile])
+    datasets = datasets or defaults.pop("datasets")
+    defaults.pop("datasets", None)
+    from .data import DATASETS
+    check_choice("datasets", list(datasets), DATASETS)
+    n_seeds = defaults.pop("seeds", None)
+    seeds = resolve_seeds(profile, seeds)[: n_seeds or None] if seeds is None else resolve_seeds(profile, seeds)
+    settings = {**defaults, **({"model": model} if model else {}), **(overrides or {})}
+    runs, rows = {}, {}
+    for dataset in datasets:
+        grid = configs(profile, [MAIN_ARMS[m] for m in methods], seeds, **{**settings, "dataset": dataset})
+        done = ensure(grid, runs_dir)
+        runs[dataset] = {arm.name: rs for arm, rs in done.items()}
+        for arm, rs in done.items():
+            rows.setdefault(dataset, {})[arm.name] = format_spread(spread(final(rs, "test_acc")))
+        rows[dataset]["setting"] = f"profile {profile}: " + describe(next(iter(grid.values()))[0])
+    return runs, pd.DataFrame(rows).T
+
+
+def published_table(datasets, family: str):
+    """The published rows for these datasets and model family, accuracy shown beside the stated metric."""
+    import pandas as pd
+    frames = [published_for(d, family) for d in datasets]
+    rows = pd.concat(frames).drop_duplicates() if frames else published_results().iloc[:0]
+    out = rows[["source", "dataset", "model", "method", "rho", "epochs", "augmentation", "metric", "value",
+                "spread", "n_runs"]].copy()
+
+    def accuracy(row):
+        if not row["value"]:
+            return "not available"
+        value = float(row["value"])
+        return f"{100 - value:.2f}" if row["metric"] == "test_error_percent" else f"{value:.2f}"
+    out.insert(out.columns.get_loc("value"), "test accuracy % (derived)", out.apply(accuracy, axis=1))
+    return out.reset_index(drop=True)
+
+
+def last_quarter(runs: list[Run], column: str) -> dict:
+    """Spread over runs of a metric's mean over the last quarter of the epochs."""
+    return spread([float(r.metrics[column].iloc[-max(1, len(r.metrics) // 4):].mean()) for r in runs if r.finished])
+
+
+def summary_row(runs: list[Run]) -> dict:
+    """The numbers the book shows for one arm."""
+    return {
+        "method": runs[0].config.label(),
+        "train accuracy %": format_spread(spread(final(runs, "train_acc"))),
+        "test accuracy %": format_spread(spread(final(runs, "test_acc"))),
+        "‖e‖, last quarter": format_spread(last_quarter(runs, "perturbation_norm"), 1, 3),
+        "cos(e_t, e_t-1), last quarter": format_spread(last_quarter(runs, "perturbation_cosine"), 1, 3),
+    }

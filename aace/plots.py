@@ -1,0 +1,64 @@
+"""Figures for the book: curves per epoch or per step, one line per arm (mean over seeds, min-max band)."""
+from __future__ import annotations
+
+import matplotlib.pyplot as plt
+import numpy as np
+
+LABELS = {
+    "ce_loss": "CE loss (unperturbed w)", "aace_loss": "AACE loss (unperturbed w)",
+    "grad_norm": "‖g‖ of the perturbation loss", "perturbation_norm": "‖e‖ (perturbation length)",
+    "perturbation_cosine": "cos(e_t, e_t-1)", "test_acc": "test accuracy", "train_acc": "training accuracy",
+    "train_loss": "update loss at w + e", "test_loss": "test loss", "lr": "learning rate",
+}
+
+
+def curves(runs_by_name: dict, columns: list[str], x: str = "epoch", table: str = "metrics", ncols: int = 3,
+           log: tuple = (), title: str | None = None, smooth: int = 1):
+    """One panel per column; for each name, the mean over its runs with a min-max band."""
+    nrows = -(-len(columns) // ncols)
+    fig, axes = plt.subplots(nrows, ncols, figsize=(4.2 * ncols, 3.1 * nrows), squeeze=False)
+    for ax, column in zip(axes.flat, columns):
+        for name, runs in runs_by_name.items():
+            frames = [getattr(r, table) for r in runs if len(getattr(r, table))]
+            if not frames:
+                continue
+            length = min(len(f) for f in frames)
+            values = np.stack([f[column].to_numpy(dtype=float)[:length] for f in frames])
+            if smooth > 1:
+                kernel = np.ones(smooth) / smooth
+                values = np.stack([np.convolve(v, kernel, mode="valid") for v in values])
+            xs = frames[0][x].to_numpy()[:length][-values.shape[1]:]
+            with np.errstate(all="ignore"):
+                mean = np.nanmean(values, axis=0)
+            line, = ax.plot(xs, mean, label=f"{name}" + (f" (n={len(frames)})" if len(frames) > 1 else ""))
+            if len(frames) > 1:
+                ax.fill_between(xs, np.nanmin(values, 0), np.nanmax(values, 0), color=line.get_color(), alpha=0.2)
+        ax.set_title(LABELS.get(column, column), fontsize=10)
+        ax.set_xlabel(x)
+        if column in log:
+            ax.set_yscale("log")
+        ax.grid(alpha=0.3)
+    for ax in list(axes.flat)[len(columns):]:
+        ax.axis("off")
+    handles, labels = axes.flat[0].get_legend_handles_labels()
+    fig.legend(handles, labels, loc="lower center", ncol=min(len(labels), 4), frameon=False,
+               bbox_to_anchor=(0.5, -0.02))
+    if title:
+        fig.suptitle(title)
+    fig.tight_layout(rect=(0, 0.06, 1, 1))
+    return fig
+
+
+def histograms(values_by_name: dict, xlabel: str, bins: int = 30, log: bool = True):
+    fig, ax = plt.subplots(figsize=(6, 3.4))
+    all_values = np.concatenate([np.asarray(v, dtype=float) for v in values_by_name.values()])
+    edges = np.geomspace(max(all_values.min(), 1e-8), all_values.max(), bins) if log else bins
+    for name, values in values_by_name.items():
+        ax.hist(values, bins=edges, alpha=0.5, label=name)
+    if log:
+        ax.set_xscale("log")
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel("steps")
+    ax.legend(frameon=False)
+    fig.tight_layout()
+    return fig
