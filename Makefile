@@ -18,3 +18,8 @@ bench:
 
 clean-book:
 	rm -rf _build
+
+# Re-execute the notebooks at the smoke profile into tests/nbval (the outputs nbval checks against).
+nbval-refresh:
+	rm -rf /tmp/aace-nbval-runs
+	$(PY) -m aace book --profile smoke --no-build --runs-dir /tmp/aace-nbval-runs --output-dir tests/nbval

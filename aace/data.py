@@ -240,12 +240,10 @@ def mean_std(spec_: DatasetSpec, train: ArrayData) -> tuple[torch.Tensor, torch.
 
 # ----------------------------------------------------------------------------- batched augmentation
 
-def random_crop(images: torch.Tensor, padding: int, generator: torch.Generator) -> torch.Tensor:
-    """Zero-pad by ``padding`` and crop back, each image at its own random offset (one gather)."""
+def random_crop(images: torch.Tensor, padding: int, dy: torch.Tensor, dx: torch.Tensor) -> torch.Tensor:
+    """Zero-pad by ``padding`` and crop back, image i at offset (dy[i], dx[i]) in [0, 2 padding] (one gather)."""
     b, c, h, w = images.shape
     padded = torch.nn.functional.pad(images, (padding,) * 4)
-    dy = torch.randint(0, 2 * padding + 1, (b,), generator=generator).to(images.device)
-    dx = torch.randint(0, 2 * padding + 1, (b,), generator=generator).to(images.device)
     rows = (dy[:, None] + torch.arange(h, device=images.device))[:, None, :, None]
     cols = (dx[:, None] + torch.arange(w, device=images.device))[:, None, None, :]
     batch = torch.arange(b, device=images.device)[:, None, None, None]
@@ -253,18 +251,14 @@ def random_crop(images: torch.Tensor, padding: int, generator: torch.Generator) 
     return padded[batch, chans, rows, cols]
 
 
-def random_flip(images: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
-    flip = (torch.rand(len(images), generator=generator) < 0.5).to(images.device)
+def random_flip(images: torch.Tensor, flip: torch.Tensor) -> torch.Tensor:
     return torch.where(flip[:, None, None, None], images.flip(3), images)
 
 
-def cutout(images: torch.Tensor, size: int, p: float, generator: torch.Generator) -> torch.Tensor:
-    """Cutout (DeVries & Taylor): with probability p, zero a size x size square centred anywhere
-    in the image (clipped at the border)."""
-    b, _, h, w = images.shape
-    cy = torch.randint(0, h, (b,), generator=generator).to(images.device)
-    cx = torch.randint(0, w, (b,), generator=generator).to(images.device)
-    apply = (torch.rand(b, generator=generator) < p).to(images.device)
+def cutout(images: torch.Tensor, size: int, cy: torch.Tensor, cx: torch.Tensor, apply: torch.Tensor) -> torch.Tensor:
+    """Cutout (DeVries & Taylor): where ``apply``, zero a size x size square centred at (cy, cx), clipped at
+    the border."""
+    _, _, h, w = images.shape
     ys = torch.arange(h, device=images.device)
     xs = torch.arange(w, device=images.device)
     in_y = (ys[None] >= cy[:, None] - size // 2) & (ys[None] < cy[:, None] + size - size // 2)
@@ -296,19 +290,37 @@ class BatchLoader:
         return -(-len(self.labels) // self.batch_size)
 
     def epoch(self, epoch: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-        g = torch.Generator().manual_seed(self.seed * 1_000_003 + epoch)
         n = len(self.labels)
-        order = torch.randperm(n, generator=g).to(self.images.device) if self.train else None
+        if not self.train:
+            for start in range(0, n, self.batch_size):
+                yield self._normalize(self.images[start:start + self.batch_size]), self.labels[start:start + self.batch_size]
+            return
+        # Every random number of the epoch drawn at once on the CPU (fixed by seed and epoch) and moved to the
+        # device in one go: no per-batch host work, and the same batches on every device.
+        g = torch.Generator().manual_seed(self.seed * 1_000_003 + epoch)
+        h, w = self.images.shape[-2:]
+        order = torch.randperm(n, generator=g)
+        draws = {"dy": torch.randint(0, 9, (n,), generator=g), "dx": torch.randint(0, 9, (n,), generator=g),
+                 "flip": torch.rand(n, generator=g) < 0.5, "cy": torch.randint(0, h, (n,), generator=g),
+                 "cx": torch.randint(0, w, (n,), generator=g), "cut": torch.rand(n, generator=g) < 0.5}
+        device = self.images.device
+        order = order.to(device)
+        draws = {k: v.to(device) for k, v in draws.items()}
+        crop_flip = self.augment != "none" and self.spec.crop_flip
+        flip_only = self.augment != "none" and self.spec.name == "food101"
         for start in range(0, n, self.batch_size):
-            index = order[start:start + self.batch_size] if self.train else slice(start, start + self.batch_size)
+            part = slice(start, start + self.batch_size)
+            index = order[part]
             images, labels = self.images[index], self.labels[index]
-            if self.train and self.augment != "none" and self.spec.crop_flip:
-                images = random_flip(random_crop(images, 4, g), g)
-            elif self.train and self.augment != "none" and self.spec.name == "food101":
-                images = random_flip(images, g)
-            x = (images.float() - self.mean) / self.std
-            if self.train and self.augment == "paper":
-                x = cutout(x, 16, 0.5, g)
-            if self.channels_last:
-                x = x.contiguous(memory_format=torch.channels_last)
+            if crop_flip:
+                images = random_flip(random_crop(images, 4, draws["dy"][part], draws["dx"][part]), draws["flip"][part])
+            elif flip_only:
+                images = random_flip(images, draws["flip"][part])
+            x = self._normalize(images)
+            if self.augment == "paper":
+                x = cutout(x, 16, draws["cy"][part], draws["cx"][part], draws["cut"][part])
             yield x, labels
+
+    def _normalize(self, images: torch.Tensor) -> torch.Tensor:
+        x = (images.float() - self.mean) / self.std
+        return x.contiguous(memory_format=torch.channels_last) if self.channels_last else x

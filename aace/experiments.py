@@ -65,9 +65,14 @@ def configs(profile: str, arms: list[Arm], seeds: list[int], **overrides) -> dic
             for arm in arms}
 
 
-def ensure(grid: dict[Arm, list[RunConfig]], runs_dir=None, progress: bool = False) -> dict[Arm, list[Run]]:
-    """Train whatever the store does not hold yet; return the runs arm by arm."""
-    return {arm: [run(c, runs_dir, progress=progress) for c in cfgs] for arm, cfgs in grid.items()}
+def ensure(grid: dict[Arm, list[RunConfig]], runs_dir=None) -> dict[Arm, list[Run]]:
+    """Train whatever the store does not hold yet; return the runs arm by arm.
+
+    Progress bars go to the process's own stderr: in a notebook kernel that is the terminal of the job that
+    started it (``python -m aace book``), not the notebook, whose outputs stay free of timings.
+    """
+    import sys
+    return {arm: [run(c, runs_dir, progress=sys.__stderr__ or False) for c in cfgs] for arm, cfgs in grid.items()}
 
 
 def spread(values: list[float]) -> dict:
@@ -86,6 +91,8 @@ def final(runs: list[Run], column: str) -> list[float]:
 def format_spread(s: dict, scale: float = 100.0, digits: int = 2) -> str:
     if s["n"] == 0:
         return "diverged"
+    if math.isnan(s["mean"]):
+        return "n/a"
     if s["n"] == 1:
         return f"{scale * s['mean']:.{digits}f} (1 run)"
     return f"{scale * s['mean']:.{digits}f} ± {scale * s['std']:.{digits}f} (n={s['n']}, 95% CI ± {scale * s['ci95']:.{digits}f})"
@@ -134,7 +141,7 @@ TABLES = {
     "table3": {"family": "PyramidNet",
                "paper": dict(datasets=["cifar10", "cifar100", "fashion_mnist", "food101"],
                              model="pyramidnet-272-200", batch_size=64),
-               "cpu": dict(datasets=["fashion_mnist"], model="pyramidnet-11-16", epochs=20, seeds=1),
+               "cpu": dict(datasets=["fashion_mnist"], model="pyramidnet-11-8", epochs=20, seeds=1),
                "smoke": dict(datasets=["fashion_mnist"], model="pyramidnet-11-8")},
 }
 

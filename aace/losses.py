@@ -14,7 +14,7 @@ AACE_TARGETS = ("authors", "normalized")
 REDUCTIONS = ("mean", "sum", "none")
 
 
-def _check_inputs(logits: torch.Tensor, target: torch.Tensor, reduction: str) -> None:
+def _check_inputs(logits: torch.Tensor, target: torch.Tensor, reduction: str, check_labels: bool = True) -> None:
     if reduction not in REDUCTIONS:
         raise ValueError(f"reduction must be one of {REDUCTIONS}, got {reduction!r}")
     if logits.dim() != 2:
@@ -27,8 +27,9 @@ def _check_inputs(logits: torch.Tensor, target: torch.Tensor, reduction: str) ->
             f"got {tuple(target.shape)}")
     if target.dtype not in (torch.int64, torch.int32, torch.int16, torch.uint8):
         raise ValueError(f"target must hold integer class indices, got dtype {target.dtype}")
-    # One tiny check per call: an out-of-range label otherwise ends in an opaque device-side assert.
-    if target.numel() and bool(((target < 0) | (target >= logits.shape[1])).any()):
+    # An out-of-range label otherwise ends in an opaque device-side assert. The check reads one value back
+    # from the device (a synchronisation): callers whose labels are known good pass check_labels=False.
+    if check_labels and target.numel() and bool(((target < 0) | (target >= logits.shape[1])).any()):
         bad = target[(target < 0) | (target >= logits.shape[1])][0].item()
         raise ValueError(f"target holds label {bad}, outside [0, {logits.shape[1] - 1}]")
 
@@ -79,14 +80,14 @@ def aace_target(logits: torch.Tensor, target: torch.Tensor, mode: str = "ada", t
 
 def aace_loss(logits: torch.Tensor, target: torch.Tensor, mode: str = "ada", threshold: float = 0.0,
               reduction: str = "mean", target_norm: str = "authors",
-              generator: torch.Generator | None = None) -> torch.Tensor:
+              generator: torch.Generator | None = None, check_labels: bool = True) -> torch.Tensor:
     """Adaptive adversarial cross-entropy: sum_j t_j (log t_j - log p_j), t from :func:`aace_target`.
 
     Its gradient w.r.t. the logits is (sum_j t_j) p - t, i.e. p - t whenever t sums to 1. With
     mode 'ada' and threshold 0 it equals -log(1 - p_y) = logsumexp(z) - logsumexp(z without y),
     which is what is computed then: it stays finite for any logit margin.
     """
-    _check_inputs(logits, target, reduction)
+    _check_inputs(logits, target, reduction, check_labels)
     z = logits.float()
     if mode == "ada" and threshold == 0.0:
         if target_norm not in AACE_TARGETS:
@@ -100,9 +101,9 @@ def aace_loss(logits: torch.Tensor, target: torch.Tensor, mode: str = "ada", thr
 
 
 def cross_entropy(logits: torch.Tensor, target: torch.Tensor, label_smoothing: float = 0.0,
-                  reduction: str = "mean") -> torch.Tensor:
+                  reduction: str = "mean", check_labels: bool = True) -> torch.Tensor:
     """Cross-entropy with optional label smoothing (torch's own), computed in float32."""
-    _check_inputs(logits, target, reduction)
+    _check_inputs(logits, target, reduction, check_labels)
     if not 0.0 <= label_smoothing < 1.0:
         raise ValueError(f"label_smoothing must lie in [0, 1), got {label_smoothing!r}")
     return F.cross_entropy(logits.float(), target.long(), label_smoothing=label_smoothing,

@@ -20,7 +20,7 @@ def curves(runs_by_name: dict, columns: list[str], x: str = "epoch", table: str 
     for ax, column in zip(axes.flat, columns):
         for name, runs in runs_by_name.items():
             frames = [getattr(r, table) for r in runs if len(getattr(r, table))]
-            if not frames:
+            if not frames or all(f[column].isna().all() for f in frames):  # e.g. SGD has no perturbation
                 continue
             length = min(len(f) for f in frames)
             values = np.stack([f[column].to_numpy(dtype=float)[:length] for f in frames])
@@ -28,8 +28,7 @@ def curves(runs_by_name: dict, columns: list[str], x: str = "epoch", table: str 
                 kernel = np.ones(smooth) / smooth
                 values = np.stack([np.convolve(v, kernel, mode="valid") for v in values])
             xs = frames[0][x].to_numpy()[:length][-values.shape[1]:]
-            with np.errstate(all="ignore"):
-                mean = np.nanmean(values, axis=0)
+            mean = np.nanmean(values, axis=0)
             line, = ax.plot(xs, mean, label=f"{name}" + (f" (n={len(frames)})" if len(frames) > 1 else ""))
             if len(frames) > 1:
                 ax.fill_between(xs, np.nanmin(values, 0), np.nanmax(values, 0), color=line.get_color(), alpha=0.2)

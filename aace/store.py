@@ -7,7 +7,7 @@
                          checkpoint.pt   model, optimizer and history at the last epoch end
 
 Every file is written to a temporary name and renamed, so a kill never leaves half a file; the
-checkpoint carries a SHA-256 in ``checkpoint.sha256`` so that damage is detected, not loaded.
+checkpoint starts with the SHA-256 of the rest of it, so that damage is detected, not loaded.
 """
 from __future__ import annotations
 
@@ -85,13 +85,17 @@ def _csv(rows: list[dict]) -> str:
 
 def write_epoch(path: Path, epoch_rows: list[dict], step_stats: torch.Tensor, state: dict | None) -> None:
     """Checkpoint first, then the CSVs: a CSV never runs ahead of the checkpoint it came from."""
-    from .train import STEP_COLUMNS
     if state is not None:
         buffer = io.BytesIO()
         torch.save(state, buffer)
         data = buffer.getvalue()
-        _atomic_write_bytes(path / "checkpoint.pt", data)
-        _atomic_write_text(path / "checkpoint.sha256", hashlib.sha256(data).hexdigest() + "\n")
+        _atomic_write_bytes(path / "checkpoint.pt", hashlib.sha256(data).hexdigest().encode() + b"\n" + data)
+    write_tables(path, epoch_rows, step_stats)
+
+
+def write_tables(path: Path, epoch_rows: list[dict], step_stats: torch.Tensor) -> None:
+    """metrics.csv and steps.csv, from the history a checkpoint holds."""
+    from .train import STEP_COLUMNS
     _atomic_write_text(path / "metrics.csv", _csv(epoch_rows))
     steps_per_epoch = len(step_stats) // len(epoch_rows)
     rows = [{"epoch": i // steps_per_epoch + 1, "step": i + 1,
@@ -103,17 +107,17 @@ def load_checkpoint(path: Path, device: torch.device) -> dict | None:
     file = path / "checkpoint.pt"
     if not file.exists():
         return None
-    data = file.read_bytes()
-    digest = (path / "checkpoint.sha256").read_text().strip() if (path / "checkpoint.sha256").exists() else None
-    if digest != hashlib.sha256(data).hexdigest():
-        raise CorruptRun(f"{file} does not match its checksum in checkpoint.sha256 (damaged or truncated). "
+    raw = file.read_bytes()
+    digest, _, data = raw.partition(b"\n")
+    if digest.decode(errors="replace") != hashlib.sha256(data).hexdigest():
+        raise CorruptRun(f"{file} does not match the checksum it starts with (damaged or truncated). "
                          f"To start this run again from scratch: python -m aace train ... --restart, "
                          f"or delete the folder {path}")
     return torch.load(io.BytesIO(data), map_location=device, weights_only=False)
 
 
 def clear(path: Path) -> None:
-    for name in ("checkpoint.pt", "checkpoint.sha256", "metrics.csv", "steps.csv", "summary.json", "config.json"):
+    for name in ("checkpoint.pt", "metrics.csv", "steps.csv", "summary.json", "config.json"):
         (path / name).unlink(missing_ok=True)
 
 

@@ -64,6 +64,10 @@ def prepare_data(config: RunConfig, device: torch.device):
         train = train.subset(stratified_subset(train.labels, config.train_subset, config.subset_seed))
     if config.test_subset:
         test = test.subset(stratified_subset(test.labels, config.test_subset, config.subset_seed))
+    for name, part in (("training", train), ("test", test)):
+        if len(part) and not 0 <= int(part.labels.min()) <= int(part.labels.max()) < dspec.num_classes:
+            raise ValueError(f"{config.dataset} {name} labels outside [0, {dspec.num_classes - 1}]: "
+                             f"the dataset files are damaged; get them again")
     channels_last = True  # measured on 2 CPU cores: WRN-10-1 SAM step 0.25 s -> 0.17 s; standard on GPUs
     train_loader = BatchLoader(train, dspec, mean, std, config.batch_size, train=True, augment=config.augment,
                                seed=config.seed, device=device, channels_last=channels_last)
@@ -103,12 +107,12 @@ def train_epoch(config, model, optimizer, loader, epoch, total_steps, loss_gener
         for group in optimizer.param_groups:
             group["lr"] = lr
         logits = model(x)
-        with torch.no_grad():
-            ce = cross_entropy(logits.detach(), y)
-            aace_value = aace_loss(logits.detach(), y)
+        with torch.no_grad():  # labels were checked once when the data was loaded
+            ce = cross_entropy(logits.detach(), y, check_labels=False)
+            aace_value = aace_loss(logits.detach(), y, check_labels=False)
             correct = (logits.detach().argmax(1) == y).sum()
         if config.method == "sgd":
-            loss = cross_entropy(logits, y, config.label_smoothing)
+            loss = cross_entropy(logits, y, config.label_smoothing, check_labels=False)
             loss.backward()
             grads = [p.grad for p in model.parameters() if p.grad is not None]
             grad_norm = torch.linalg.vector_norm(torch.stack(torch._foreach_norm(grads)))
@@ -117,14 +121,15 @@ def train_epoch(config, model, optimizer, loader, epoch, total_steps, loss_gener
             e_norm, cosine, train_loss = torch.zeros_like(nan), nan, loss.detach()
         else:
             if config.method == "sam":
-                perturbation_loss = cross_entropy(logits, y)
+                perturbation_loss = cross_entropy(logits, y, check_labels=False)
             else:
                 perturbation_loss = aace_loss(logits, y, config.aace_mode, config.aace_threshold,
-                                              target_norm=config.aace_target, generator=loss_generator)
+                                              target_norm=config.aace_target, generator=loss_generator,
+                                              check_labels=False)
             perturbation_loss.backward()
             grad_norm, e_norm = optimizer.first_step(zero_grad=True)
             with frozen_bn_stats(model):
-                loss = cross_entropy(model(x), y, config.label_smoothing)
+                loss = cross_entropy(model(x), y, config.label_smoothing, check_labels=False)
             loss.backward()
             optimizer.second_step(zero_grad=True)
             cosine, train_loss = optimizer.perturbation_cosine, loss.detach()
@@ -148,13 +153,14 @@ def _first_non_finite(stats: torch.Tensor) -> tuple[int, str] | None:
     return min(bad) if bad else None
 
 
-def run(config: RunConfig, runs_dir: str | os.PathLike | None = None, *, progress: bool = True,
+def run(config: RunConfig, runs_dir: str | os.PathLike | None = None, *, progress=True,
         restart: bool = False) -> store.Run:
     """Train ``config`` (or return its stored result) and return the run.
 
     A finished run is read back without training; an interrupted one resumes from its last epoch-end
     checkpoint and ends with the same numbers, bit for bit on the CPU, as an uninterrupted run.
     ``restart=True`` discards whatever the store holds for this config and trains from scratch.
+    ``progress``: True for a progress bar on stderr, a file object to draw it there, False for none.
     """
     device = resolve_device(config.device)
     run_dir = store.run_dir(config, device, runs_dir)
@@ -182,6 +188,7 @@ def _train(config: RunConfig, device: torch.device, run_dir, progress: bool) -> 
         optimizer.load_state_dict(checkpoint["optimizer"])
         epochs_done, epoch_rows = checkpoint["epoch"], checkpoint["epoch_rows"]
         step_stats, wall = [checkpoint["step_stats"]], checkpoint["wall_seconds"]
+        store.write_tables(run_dir, epoch_rows, checkpoint["step_stats"])  # a kill may have left them behind
         if "perturbation" in checkpoint and isinstance(optimizer, SAM):
             optimizer._previous_perturbation = checkpoint["perturbation"]
     else:
@@ -192,9 +199,12 @@ def _train(config: RunConfig, device: torch.device, run_dir, progress: bool) -> 
     total_steps = config.epochs * len(train_loader)
     bar = None
     if progress:
+        # tqdm.auto draws a widget inside notebooks; a given file (a terminal) gets the plain bar
+        from tqdm import tqdm as plain_tqdm
         from tqdm.auto import tqdm
-        bar = tqdm(total=total_steps, initial=epochs_done * len(train_loader), unit="step",
-                   desc=f"{config.label()} {config.dataset}", dynamic_ncols=True)
+        bar = (tqdm if progress is True else plain_tqdm)(total=total_steps, initial=epochs_done * len(train_loader), unit="step",
+                   desc=f"{config.label()} {config.dataset} seed {config.seed}", dynamic_ncols=True,
+                   file=None if progress is True else progress)
     try:
         for epoch in range(epochs_done, config.epochs):
             start = time.perf_counter()
@@ -221,6 +231,7 @@ def _train(config: RunConfig, device: torch.device, run_dir, progress: bool) -> 
             if isinstance(optimizer, SAM) and optimizer._previous_perturbation is not None:
                 state["perturbation"] = optimizer._previous_perturbation  # for the next epoch's first cosine
             store.write_epoch(run_dir, epoch_rows, state["step_stats"], state)
+            store.write_summary(run_dir, {"status": "running", "epochs_done": epoch + 1, "epochs": config.epochs})
             step_stats = [state["step_stats"]]
             if bar is not None:
                 bar.set_postfix(loss=f"{row['train_loss']:.3f}", acc=f"{row['train_acc']:.3f}",

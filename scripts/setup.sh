@@ -6,7 +6,7 @@ cd "$(dirname "$0")/.."
 
 debian_packages=()
 [[ -d /usr/share/datasets/fashion-mnist ]] || debian_packages+=(dataset-fashion-mnist)
-if [[ ${1:-} == --test ]] && ! command -v chromium >/dev/null; then debian_packages+=(chromium); fi
+if [[ ${1:-} == --test ]] && ! { command -v chromium && command -v chromedriver; } >/dev/null; then debian_packages+=(chromium chromium-driver); fi
 if ((${#debian_packages[@]})); then
   if [[ $(id -u) == 0 ]]; then
     apt-get install -y -q "${debian_packages[@]}" >/dev/null || { apt-get update -q >/dev/null && apt-get install -y -q "${debian_packages[@]}" >/dev/null; }

@@ -1,0 +1,110 @@
+"""Build the smoke book with warnings as errors and look at every page in headless Chromium.
+
+The pages are the smoke-profile notebooks of tests/nbval (whose outputs nbval checks) and the book's
+markdown pages. Chromium is driven through ChromeDriver's W3C WebDriver HTTP API (no extra Python package).
+"""
+import json
+import shutil
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+CHROMIUM, CHROMEDRIVER = shutil.which("chromium"), shutil.which("chromedriver")
+NOTEBOOK_PAGES = ["aace_loss", "convergence", "table2", "table3", "ablations"]
+PAGES = ["intro", *NOTEBOOK_PAGES, "gpu", "own_training_loop"]
+
+pytestmark = pytest.mark.skipif(not (CHROMIUM and CHROMEDRIVER),
+                                reason="needs Debian's chromium and chromium-driver (make test installs them)")
+
+
+@pytest.fixture(scope="module")
+def html(tmp_path_factory):
+    root = tmp_path_factory.mktemp("smoke-book")
+    for name in ("_config.yml", "_toc.yml"):
+        shutil.copy(ROOT / name, root / name)
+    (root / "book").mkdir()
+    for page in (ROOT / "book").glob("*.md"):
+        shutil.copy(page, root / "book" / page.name)
+    for page in NOTEBOOK_PAGES:
+        shutil.copy(ROOT / "tests" / "nbval" / f"{page}.ipynb", root / "book" / f"{page}.ipynb")
+    jupyter_book = Path(sys.executable).parent / "jupyter-book"
+    result = subprocess.run([str(jupyter_book), "build", str(root), "-W", "-n", "--keep-going"],
+                            capture_output=True, text=True)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    return root / "_build" / "html"
+
+
+class WebDriver:
+    def __init__(self, user_data_dir: Path):
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            self.port = s.getsockname()[1]
+        self.process = subprocess.Popen([CHROMEDRIVER, f"--port={self.port}"], stdout=subprocess.DEVNULL,
+                                        stderr=subprocess.DEVNULL)
+        for _ in range(100):
+            try:
+                self._call("GET", "/status")
+                break
+            except OSError:
+                time.sleep(0.1)
+        args = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+                "--disable-background-networking", "--disable-component-update", "--disable-sync",
+                f"--user-data-dir={user_data_dir}"]
+        caps = {"capabilities": {"alwaysMatch": {"browserName": "chrome",
+                                                 "goog:chromeOptions": {"binary": CHROMIUM, "args": args}}}}
+        self.session = self._call("POST", "/session", caps)["sessionId"]
+
+    def _call(self, method, path, body=None):
+        data = json.dumps(body).encode() if body is not None else None
+        request = urllib.request.Request(f"http://127.0.0.1:{self.port}{path}", data=data, method=method,
+                                         headers={"Content-Type": "application/json"})
+        with urllib.request.urlopen(request, timeout=60) as response:
+            return json.loads(response.read())["value"]
+
+    def get(self, url):
+        self._call("POST", f"/session/{self.session}/url", {"url": url})
+
+    def script(self, source):
+        return self._call("POST", f"/session/{self.session}/execute/sync", {"script": source, "args": []})
+
+    def quit(self):
+        try:
+            self._call("DELETE", f"/session/{self.session}")
+        finally:
+            self.process.kill()
+
+
+@pytest.fixture(scope="module")
+def browser(tmp_path_factory):
+    driver = WebDriver(tmp_path_factory.mktemp("chromium-profile"))
+    yield driver
+    driver.quit()
+
+
+@pytest.mark.parametrize("page", PAGES)
+def test_page_loads_with_its_figures_and_no_traceback(html, browser, page):
+    file = html / "book" / f"{page}.html"
+    assert file.is_file(), f"{file} was not built"
+    browser.get(file.as_uri())
+    for _ in range(50):  # wait for the images to finish loading
+        state = browser.script("return Array.from(document.images).map("
+                               "i => [i.getAttribute('src'), i.complete, i.naturalWidth, i.naturalHeight])")
+        if all(complete for _, complete, _, _ in state):
+            break
+        time.sleep(0.1)
+    text = browser.script("return document.body.innerText")
+    assert browser.script("return document.querySelector('main h1') !== null"), f"{page}: no title"
+    assert "Traceback" not in text and "Error" not in browser.script(
+        "return Array.from(document.querySelectorAll('.output.traceback, .output_error')).map(e => 'Error').join('')")
+    figures = [s for s in state if s[0] and s[0].endswith(".png")]
+    if page in NOTEBOOK_PAGES:
+        assert figures, f"{page}: no figure"
+    for src, complete, width, height in figures:
+        assert complete and width > 0 and height > 0, f"{page}: figure {src} did not load"
+        assert (file.parent / src).stat().st_size > 0
