@@ -37,7 +37,7 @@ def execute_notebooks(profile: str, names: list[str] | None = None, parameters: 
         target = output_dir / f"{name}.ipynb"
         print(f"executing {name} with {own}", flush=True)
         papermill.execute_notebook(str(NOTEBOOK_DIR / f"{name}.ipynb"), str(target), parameters=own,
-                                   cwd=str(ROOT), kernel_name="python3", progress_bar=False)
+                                   cwd=str(ROOT), kernel_name="python3", progress_bar=True)
         executed.append(target)
     return executed
 

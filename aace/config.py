@@ -129,8 +129,9 @@ class RunConfig:
 
     def run_hash(self, device_type: str) -> str:
         """Short hash of every setting that changes the numbers, and of the device type it runs on."""
+        from . import __version__
         items = {k: v for k, v in self.to_dict().items() if k not in NOT_IN_HASH}
-        items["device"] = device_type
+        items["device"], items["aace_version"] = device_type, __version__
         return hashlib.sha256(json.dumps(items, sort_keys=True).encode()).hexdigest()[:10]
 
     def label(self) -> str:

@@ -241,14 +241,14 @@ def mean_std(spec_: DatasetSpec, train: ArrayData) -> tuple[torch.Tensor, torch.
 # ----------------------------------------------------------------------------- batched augmentation
 
 def random_crop(images: torch.Tensor, padding: int, dy: torch.Tensor, dx: torch.Tensor) -> torch.Tensor:
-    """Zero-pad by ``padding`` and crop back, image i at offset (dy[i], dx[i]) in [0, 2 padding] (one gather)."""
+    """Zero-pad by ``padding`` and crop back, image i at offset (dy[i], dx[i]) in [0, 2 padding]: one gather
+    over the flattened padded images."""
     b, c, h, w = images.shape
     padded = torch.nn.functional.pad(images, (padding,) * 4)
-    rows = (dy[:, None] + torch.arange(h, device=images.device))[:, None, :, None]
-    cols = (dx[:, None] + torch.arange(w, device=images.device))[:, None, None, :]
-    batch = torch.arange(b, device=images.device)[:, None, None, None]
-    chans = torch.arange(c, device=images.device)[None, :, None, None]
-    return padded[batch, chans, rows, cols]
+    rows = dy[:, None] + torch.arange(h, device=images.device)
+    cols = dx[:, None] + torch.arange(w, device=images.device)
+    index = (rows[:, :, None] * (w + 2 * padding) + cols[:, None, :]).reshape(b, 1, h * w).expand(b, c, h * w)
+    return padded.reshape(b, c, -1).gather(2, index).reshape(b, c, h, w)
 
 
 def random_flip(images: torch.Tensor, flip: torch.Tensor) -> torch.Tensor:

@@ -68,11 +68,18 @@ def configs(profile: str, arms: list[Arm], seeds: list[int], **overrides) -> dic
 def ensure(grid: dict[Arm, list[RunConfig]], runs_dir=None) -> dict[Arm, list[Run]]:
     """Train whatever the store does not hold yet; return the runs arm by arm.
 
-    Progress bars go to the process's own stderr: in a notebook kernel that is the terminal of the job that
-    started it (``python -m aace book``), not the notebook, whose outputs stay free of timings.
+    Progress bars go to the controlling terminal (/dev/tty) when there is one, e.g. that of
+    ``python -m aace book``: never into the notebook, whose outputs must stay free of timings.
     """
-    import sys
-    return {arm: [run(c, runs_dir, progress=sys.__stderr__ or False) for c in cfgs] for arm, cfgs in grid.items()}
+    try:
+        terminal = open("/dev/tty", "w")
+    except OSError:  # no terminal (CI, a detached job): no bars
+        terminal = None
+    try:
+        return {arm: [run(c, runs_dir, progress=terminal or False) for c in cfgs] for arm, cfgs in grid.items()}
+    finally:
+        if terminal is not None:
+            terminal.close()
 
 
 def spread(values: list[float]) -> dict:

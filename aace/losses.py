@@ -84,16 +84,18 @@ def aace_loss(logits: torch.Tensor, target: torch.Tensor, mode: str = "ada", thr
     """Adaptive adversarial cross-entropy: sum_j t_j (log t_j - log p_j), t from :func:`aace_target`.
 
     Its gradient w.r.t. the logits is (sum_j t_j) p - t, i.e. p - t whenever t sums to 1. With
-    mode 'ada' and threshold 0 it equals -log(1 - p_y) = logsumexp(z) - logsumexp(z without y),
-    which is what is computed then: it stays finite for any logit margin.
+    mode 'ada' and threshold 0 it equals -log(1 - p_y) = logsumexp(z) - logsumexp(z without y), computed
+    then as softplus(z_y - logsumexp(z without y)), which stays finite for any logit margin.
     """
     _check_inputs(logits, target, reduction, check_labels)
     z = logits.float()
     if mode == "ada" and threshold == 0.0:
         if target_norm not in AACE_TARGETS:
             raise ValueError(f"target_norm must be one of {AACE_TARGETS}, got {target_norm!r}")
-        true = F.one_hot(target.long(), z.shape[1]).bool()
-        per_sample = torch.logsumexp(z, dim=1) - torch.logsumexp(z.masked_fill(true, float("-inf")), dim=1)
+        # -log(1 - p_y) = softplus(z_y - logsumexp(z without y)): finite for any margin, one logsumexp.
+        y = target.long()[:, None]
+        others = torch.logsumexp(z.scatter(1, y, float("-inf")), dim=1)
+        per_sample = torch.nn.functional.softplus(z.gather(1, y).squeeze(1) - others)
         return _reduce(per_sample, reduction)
     t = aace_target(z, target, mode, threshold, target_norm, generator)
     per_sample = (torch.xlogy(t, t) - t * torch.log_softmax(z, dim=1)).sum(dim=1)

@@ -76,18 +76,27 @@ class SAM(torch.optim.Optimizer):
         scaled = torch._foreach_mul(grads, torch._foreach_abs(params)) if self.adaptive else grads
         grad_norm = _global_norm(scaled)
         sign = 1.0 if self.ascent else -1.0
-        perturbations = []
+        perturbations, rho_only = [], len({group["rho"] for group, ps in groups if ps}) <= 1
         for group, ps in groups:
             if not ps:
                 continue
             torch._foreach_copy_([self._buffer(p, "old_p") for p in ps], ps)
             g = [p.grad for p in ps]
-            e = torch._foreach_mul(g, torch._foreach_mul(ps, ps)) if self.adaptive else torch._foreach_mul(g, 1.0)
             scale = sign * group["rho"] / (grad_norm + self.eps) if self.normalize else sign * group["rho"]
-            torch._foreach_mul_(e, scale)
+            if self.adaptive:
+                e = torch._foreach_mul(g, torch._foreach_mul(ps, ps))
+                torch._foreach_mul_(e, scale)
+            else:
+                e = torch._foreach_mul(g, scale)
             torch._foreach_add_(ps, e)
             perturbations += e
-        perturbation_norm = _global_norm(perturbations)
+        if not params:
+            perturbation_norm = grad_norm
+        elif rho_only and not self.adaptive:  # ||e|| = rho ||g|| / (||g|| + eps) or rho ||g||: no second norm
+            rho = next(group["rho"] for group, ps in groups if ps)
+            perturbation_norm = rho * grad_norm / (grad_norm + self.eps) if self.normalize else rho * grad_norm
+        else:
+            perturbation_norm = _global_norm(perturbations)
         if self.track_cosine:
             self._update_cosine(params, perturbations, perturbation_norm)
         self._perturbed = params
