@@ -14,6 +14,7 @@ from .models import VARIANTS, parse_model_name
 METHODS = ("sgd", "sam", "aace")
 SCHEDULES = ("step", "cosine")
 DEVICES = ("auto", "cpu", "cuda")
+PRECISIONS = ("fp32", "bf16", "fp16")
 # Settings that do not change the numbers a run produces: left out of the run's hash.
 NOT_IN_HASH = ("data_root", "download", "threads")
 
@@ -50,6 +51,7 @@ class RunConfig:
     subset_seed: int = 0
     seed: int = 42
     device: str = "auto"
+    precision: str = "fp32"
     threads: int | None = None
     data_root: str | None = None
     download: bool = False
@@ -66,7 +68,7 @@ class RunConfig:
 
         choices = {"dataset": tuple(DATASETS), "model_variant": VARIANTS, "method": METHODS,
                    "aace_mode": AACE_MODES, "aace_target": AACE_TARGETS, "lr_schedule": SCHEDULES,
-                   "augment": AUGMENTS, "device": DEVICES}
+                   "augment": AUGMENTS, "device": DEVICES, "precision": PRECISIONS}
         for name, allowed in choices.items():
             if getattr(self, name) not in allowed:
                 fail(name, f"one of {allowed}")
@@ -128,9 +130,14 @@ class RunConfig:
         return dataclasses.asdict(self)
 
     def run_hash(self, device_type: str) -> str:
-        """Short hash of every setting that changes the numbers, and of the device type it runs on."""
+        """Short hash of every setting that changes the numbers, the device type and the code's version.
+
+        Settings at their default value are left out, so that adding an option to RunConfig later does
+        not orphan the runs already stored (a changed default must come with a new ``aace.__version__``).
+        """
         from . import __version__
-        items = {k: v for k, v in self.to_dict().items() if k not in NOT_IN_HASH}
+        defaults = {f.name: f.default for f in fields(self)}
+        items = {k: v for k, v in self.to_dict().items() if k not in NOT_IN_HASH and v != defaults[k]}
         items["device"], items["aace_version"] = device_type, __version__
         return hashlib.sha256(json.dumps(items, sort_keys=True).encode()).hexdigest()[:10]
 

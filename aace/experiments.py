@@ -105,6 +105,15 @@ def format_spread(s: dict, scale: float = 100.0, digits: int = 2) -> str:
     return f"{scale * s['mean']:.{digits}f} ± {scale * s['std']:.{digits}f} (n={s['n']}, 95% CI ± {scale * s['ci95']:.{digits}f})"
 
 
+def format_runs(runs: list[Run], column: str = "test_acc", scale: float = 100.0, digits: int = 2) -> str:
+    """Final-epoch spread over the finished runs, saying how many diverged: never a number for those."""
+    diverged = sum(r.status == "diverged" for r in runs)
+    if diverged == len(runs):
+        return f"diverged ({diverged} of {len(runs)} runs)"
+    text = format_spread(spread(final(runs, column)), scale, digits)
+    return text + (f"; {diverged} of {len(runs)} runs diverged" if diverged else "")
+
+
 def paired_difference(a: list[Run], b: list[Run], column: str = "test_acc") -> dict:
     """Mean of (b - a) over seeds present and finished in both, with a paired 95 % t-interval."""
     by_seed_a = {r.config.seed: r for r in a if r.finished}
@@ -175,7 +184,13 @@ def table(page: str, profile: str, datasets=None, methods=("sgd", "sam", "aace")
         done = ensure(grid, runs_dir)
         runs[dataset] = {arm.name: rs for arm, rs in done.items()}
         for arm, rs in done.items():
-            rows.setdefault(dataset, {})[arm.name] = format_spread(spread(final(rs, "test_acc")))
+            rows.setdefault(dataset, {})[arm.name] = format_runs(rs, "test_acc")
+        by_name = {arm.name: rs for arm, rs in done.items()}
+        if "SAM" in by_name and "SAM+AACE" in by_name:
+            d = paired_difference(by_name["SAM"], by_name["SAM+AACE"], "test_acc")
+            rows[dataset]["SAM+AACE − SAM (paired)"] = (
+                f"{100 * d['mean']:+.2f}" + (f" (95% CI ± {100 * d['ci95']:.2f}, n={d['n']})" if d["n"] > 1 else
+                                             f" (n={d['n']})"))
         rows[dataset]["setting"] = f"profile {profile}: " + describe(next(iter(grid.values()))[0])
     return runs, pd.DataFrame(rows).T
 
@@ -206,8 +221,8 @@ def summary_row(runs: list[Run]) -> dict:
     """The numbers the book shows for one arm."""
     return {
         "method": runs[0].config.label(),
-        "train accuracy %": format_spread(spread(final(runs, "train_acc"))),
-        "test accuracy %": format_spread(spread(final(runs, "test_acc"))),
+        "train accuracy %": format_runs(runs, "train_acc"),
+        "test accuracy %": format_runs(runs, "test_acc"),
         "‖e‖, last quarter": format_spread(last_quarter(runs, "perturbation_norm"), 1, 3),
         "cos(e_t, e_t-1), last quarter": format_spread(last_quarter(runs, "perturbation_cosine"), 1, 3),
     }

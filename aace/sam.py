@@ -123,13 +123,18 @@ class SAM(torch.optim.Optimizer):
         self._previous_perturbation = (perturbations, perturbation_norm)
 
     @torch.no_grad()
-    def second_step(self, zero_grad: bool = False) -> None:
-        """Return to w exactly (a stored copy, not w + e - e) and take the base optimizer's step."""
+    def restore(self) -> None:
+        """Return to w exactly (a stored copy, not w + e - e), without a step: e.g. to skip an overflowed step."""
         if self._perturbed is None:
-            raise RuntimeError("second_step called without first_step")
+            raise RuntimeError("restore or second_step called without first_step")
         if self._perturbed:
             torch._foreach_copy_(self._perturbed, [self.state[p]["old_p"] for p in self._perturbed])
         self._perturbed = None
+
+    @torch.no_grad()
+    def second_step(self, zero_grad: bool = False) -> None:
+        """Return to w exactly and take the base optimizer's step."""
+        self.restore()
         self.base_optimizer.step()
         if zero_grad:
             self.zero_grad(set_to_none=True)

@@ -163,6 +163,14 @@ class Run:
         return self.status == "finished"
 
 
+def readable_json(file: Path) -> bool:
+    try:
+        json.loads(file.read_text())
+        return True
+    except (OSError, ValueError):
+        return False
+
+
 def _read_json(file: Path) -> dict:
     try:
         return json.loads(file.read_text())
@@ -180,17 +188,32 @@ def load_run(path: Path, missing_ok: bool = False) -> Run | None:
         raise FileNotFoundError(f"no run stored in {path}")
     info = _read_json(path / "config.json")
     summary = _read_json(path / "summary.json") if (path / "summary.json").exists() else {"status": "unknown"}
+    from .train import EPOCH_COLUMNS
     frames = []
-    for name in ("metrics.csv", "steps.csv"):
+    for name, needed in (("metrics.csv", EPOCH_COLUMNS), ("steps.csv", ("epoch", "step", "grad_norm"))):
+        fix = f"training the config again rebuilds it from the checkpoint (or delete {path} to redo the run)"
         try:
-            frames.append(pd.read_csv(path / name) if (path / name).exists() else pd.DataFrame())
-        except (OSError, ValueError) as err:
-            raise CorruptRun(f"{path / name} is unreadable ({err}); it is rewritten from the checkpoint at the "
-                             f"next epoch end, or delete {path} to redo the run") from err
-    if summary.get("status") == "finished" and len(frames[0]) != summary.get("epochs"):
-        raise CorruptRun(f"{path / 'metrics.csv'} has {len(frames[0])} epochs, summary.json says "
-                         f"{summary.get('epochs')}: the run folder is inconsistent; delete {path} to redo it")
-    return Run(path, RunConfig(**info["config"]), info, frames[0], frames[1], summary)
+            frame = pd.read_csv(path / name) if (path / name).exists() else pd.DataFrame(columns=list(needed))
+        except (OSError, ValueError, UnicodeDecodeError) as err:
+            raise CorruptRun(f"{path / name} is unreadable ({err}); {fix}") from err
+        missing = [c for c in needed if c not in frame.columns]
+        if missing or (len(frame) and not all(pd.api.types.is_numeric_dtype(frame[c]) for c in needed)):
+            raise CorruptRun(f"{path / name} is damaged (columns {missing or 'not numeric'}); {fix}")
+        frames.append(frame)
+    metrics, steps = frames
+    expected = summary.get("epochs") if summary.get("status") == "finished" else summary.get("epoch")
+    if summary.get("status") in ("finished", "diverged") and len(metrics) != expected:
+        raise CorruptRun(f"{path / 'metrics.csv'} has {len(metrics)} epochs, summary.json says {expected}; "
+                         f"training the config again rebuilds it from the checkpoint (or delete {path})")
+    if len(metrics) and (len(steps) == 0 or int(steps["epoch"].max()) != len(metrics)):
+        raise CorruptRun(f"{path / 'steps.csv'} does not cover the {len(metrics)} epochs of metrics.csv; "
+                         f"training the config again rebuilds it from the checkpoint (or delete {path})")
+    try:
+        config = RunConfig(**info["config"])
+    except (TypeError, ValueError) as err:
+        raise CorruptRun(f"{path / 'config.json'} holds no valid RunConfig ({err}); delete {path} to redo the run") \
+            from err
+    return Run(path, config, info, metrics, steps, summary)
 
 
 def list_runs(runs_dir=None) -> list[Run]:

@@ -7,9 +7,11 @@ Metrics stay on the device during an epoch and reach the host once per epoch.
 """
 from __future__ import annotations
 
+import contextlib
 import math
 import os
 import platform
+import sys
 import time
 
 import torch
@@ -22,7 +24,7 @@ from .models import build_model
 from .sam import SAM, frozen_bn_stats
 
 STEP_COLUMNS = ("lr", "ce_loss", "aace_loss", "grad_norm", "perturbation_norm", "perturbation_cosine",
-                "train_loss", "train_correct")
+                "train_loss", "train_correct", "skipped")
 EPOCH_COLUMNS = ("epoch", "lr", "ce_loss", "aace_loss", "grad_norm", "perturbation_norm", "perturbation_cosine",
                  "train_loss", "train_acc", "test_loss", "test_acc", "epoch_seconds", "images_per_second")
 
@@ -98,45 +100,110 @@ def evaluate(model: torch.nn.Module, loader: BatchLoader) -> tuple[float, float]
     return loss.item() / n, correct.item() / n
 
 
-def train_epoch(config, model, optimizer, loader, epoch, total_steps, loss_generator, progress=None):
+def sam_update(model, optimizer: SAM, x, y, perturbation_loss_fn, update_loss_fn, autocast, scaler=None):
+    """One SAM step: perturbation pass, ``first_step``, update pass at w + e under ``frozen_bn_stats``,
+    ``second_step``. Returns (grad_norm, perturbation_norm, update_loss, skipped).
+
+    With an fp16 ``scaler`` the gradients of each pass are unscaled before use; if either pass overflowed,
+    the weights go back to w, neither the base optimizer nor its momentum moves, the scale backs off and
+    ``skipped`` is True. This costs one host synchronisation per pass, in fp16 only.
+    """
+    with autocast:
+        logits = model(x)
+    perturbation_loss = perturbation_loss_fn(logits, y)
+    if scaler is None:
+        perturbation_loss.backward()
+        grad_norm, e_norm = optimizer.first_step(zero_grad=True)
+        with frozen_bn_stats(model), autocast:
+            loss = update_loss_fn(model(x), y)
+        loss.backward()
+        optimizer.second_step(zero_grad=True)
+        return grad_norm, e_norm, loss.detach(), False
+    scaler.scale(perturbation_loss).backward()
+    scaler.unscale_(optimizer)  # SAM shares its parameter groups with the base optimizer
+    grad_norm, e_norm = optimizer.first_step(zero_grad=True)
+    if not torch.isfinite(grad_norm):
+        optimizer.restore()
+        scaler.update()  # sees the overflow unscale_ recorded and backs off
+        return grad_norm, e_norm, torch.full_like(grad_norm, float("nan")), True
+    with frozen_bn_stats(model), autocast:
+        loss = update_loss_fn(model(x), y)
+    scaler.scale(loss).backward()
+    grads = [p.grad for g in optimizer.param_groups for p in g["params"] if p.grad is not None]
+    torch._foreach_mul_(grads, 1.0 / scaler.get_scale())  # unscale_ may run once per update(): by hand
+    if not torch.isfinite(torch.linalg.vector_norm(torch.stack(torch._foreach_norm(grads)))):
+        optimizer.restore()
+        optimizer.zero_grad(set_to_none=True)
+        scaler.update(scaler.get_scale() * scaler.get_backoff_factor())
+        return grad_norm, e_norm, loss.detach(), True
+    optimizer.second_step(zero_grad=True)
+    scaler.update()
+    return grad_norm, e_norm, loss.detach(), False
+
+
+def autocast_for(config: RunConfig, device: torch.device):
+    """The forward passes' autocast context: bfloat16 or float16, or none for fp32."""
+    if config.precision == "fp32":
+        return contextlib.nullcontext()
+    return torch.autocast(device.type, dtype=torch.bfloat16 if config.precision == "bf16" else torch.float16)
+
+
+def train_epoch(config, model, optimizer, loader, epoch, total_steps, loss_generator, progress=None, scaler=None):
     """One epoch; returns the per-step statistics as one (steps, len(STEP_COLUMNS)) device tensor."""
     model.train()
     steps_per_epoch = len(loader)
-    stats = torch.empty(steps_per_epoch, len(STEP_COLUMNS), device=loader.labels.device)
-    nan = torch.full((), float("nan"), device=loader.labels.device)
+    device = loader.labels.device
+    stats = torch.empty(steps_per_epoch, len(STEP_COLUMNS), device=device)
+    nan = torch.full((), float("nan"), device=device)
+    autocast = autocast_for(config, device)
+    # labels were checked once when the data was loaded: no per-step check (a host synchronisation)
+    update_loss_fn = lambda z, t: cross_entropy(z, t, config.label_smoothing, check_labels=False)  # noqa: E731
+    if config.method == "sam":
+        perturbation_loss_fn = lambda z, t: cross_entropy(z, t, check_labels=False)  # noqa: E731
+    else:
+        perturbation_loss_fn = lambda z, t: aace_loss(  # noqa: E731
+            z, t, config.aace_mode, config.aace_threshold, target_norm=config.aace_target,
+            generator=loss_generator, check_labels=False)
     for i, (x, y) in enumerate(loader.epoch(epoch)):
         lr = learning_rate(config, epoch * steps_per_epoch + i, total_steps)
         for group in optimizer.param_groups:
             group["lr"] = lr
-        logits = model(x)
-        with torch.no_grad():  # labels were checked once when the data was loaded
-            ce = cross_entropy(logits.detach(), y, check_labels=False)
-            aace_value = aace_loss(logits.detach(), y, check_labels=False)
-            correct = (logits.detach().argmax(1) == y).sum()
         if config.method == "sgd":
-            loss = cross_entropy(logits, y, config.label_smoothing, check_labels=False)
-            loss.backward()
+            with autocast:
+                logits = model(x)
+            loss = update_loss_fn(logits, y)
+            (scaler.scale(loss) if scaler else loss).backward()
+            if scaler:
+                scaler.unscale_(optimizer)
             grads = [p.grad for p in model.parameters() if p.grad is not None]
             grad_norm = torch.linalg.vector_norm(torch.stack(torch._foreach_norm(grads)))
-            optimizer.step()
+            if scaler:
+                scaler.step(optimizer)  # skips the step itself when the gradients overflowed
+                skipped = ~torch.isfinite(grad_norm)
+                scaler.update()
+            else:
+                optimizer.step()
+                skipped = False
             optimizer.zero_grad(set_to_none=True)
             e_norm, cosine, train_loss = torch.zeros_like(nan), nan, loss.detach()
         else:
-            if config.method == "sam":
-                perturbation_loss = cross_entropy(logits, y, check_labels=False)
-            else:
-                perturbation_loss = aace_loss(logits, y, config.aace_mode, config.aace_threshold,
-                                              target_norm=config.aace_target, generator=loss_generator,
-                                              check_labels=False)
-            perturbation_loss.backward()
-            grad_norm, e_norm = optimizer.first_step(zero_grad=True)
-            with frozen_bn_stats(model):
-                loss = cross_entropy(model(x), y, config.label_smoothing, check_labels=False)
-            loss.backward()
-            optimizer.second_step(zero_grad=True)
-            cosine, train_loss = optimizer.perturbation_cosine, loss.detach()
-        stats[i] = torch.stack([torch.as_tensor(lr, device=nan.device, dtype=torch.float32), ce, aace_value,
-                                grad_norm, e_norm, cosine, train_loss, correct.float()])
+            # the metrics at w come from the perturbation pass's own logits, caught on the way
+            captured = {}
+
+            def perturbation_with_capture(z, t):
+                captured["logits"] = z.detach()
+                return perturbation_loss_fn(z, t)
+            grad_norm, e_norm, train_loss, skipped = sam_update(model, optimizer, x, y, perturbation_with_capture,
+                                                                update_loss_fn, autocast, scaler)
+            logits = captured["logits"]
+            cosine = optimizer.perturbation_cosine
+        with torch.no_grad():
+            ce = cross_entropy(logits, y, check_labels=False)
+            aace_value = aace_loss(logits, y, check_labels=False)
+            correct = (logits.argmax(1) == y).sum()
+        stats[i] = torch.stack([torch.as_tensor(lr, device=device, dtype=torch.float32), ce, aace_value,
+                                grad_norm.float(), e_norm.float(), cosine.float(), train_loss.float(), correct.float(),
+                                torch.as_tensor(skipped, device=device, dtype=torch.float32)])
         if progress is not None:
             progress.update(1)
     return stats
@@ -149,6 +216,9 @@ def _loss_generator(config: RunConfig, epoch: int, device: torch.device) -> torc
 
 
 def _first_non_finite(stats: torch.Tensor) -> tuple[int, str] | None:
+    """First (step, loss name) with a non-finite loss, steps skipped by fp16 loss scaling aside."""
+    stats = stats.clone()
+    stats[stats[:, STEP_COLUMNS.index("skipped")] > 0] = 0.0
     losses = {"perturbation loss": stats[:, STEP_COLUMNS.index("aace_loss")], "CE": stats[:, STEP_COLUMNS.index("ce_loss")],
               "update loss": stats[:, STEP_COLUMNS.index("train_loss")]}
     bad = [(int(torch.nonzero(~torch.isfinite(v))[0]), name) for name, v in losses.items() if not torch.isfinite(v).all()]
@@ -169,7 +239,11 @@ def run(config: RunConfig, runs_dir: str | os.PathLike | None = None, *, progres
     with store.RunLock(run_dir):
         if restart:
             store.clear(run_dir)
-        existing = store.load_run(run_dir, missing_ok=True)
+        try:
+            existing = store.load_run(run_dir, missing_ok=True)
+        except store.CorruptRun as err:  # the checkpoint is the source of truth: rebuild the rest from it
+            print(f"warning: {err}\nrebuilding the run's tables from its checkpoint", file=sys.stderr)
+            existing = None
         if existing is not None and existing.summary.get("status") in ("finished", "diverged"):
             return existing
         return _train(config, device, run_dir, progress)
@@ -193,11 +267,14 @@ def _train(config: RunConfig, device: torch.device, run_dir, progress: bool) -> 
         store.write_tables(run_dir, epoch_rows, checkpoint["step_stats"])  # a kill may have left them behind
         if "perturbation" in checkpoint and isinstance(optimizer, SAM):
             optimizer._previous_perturbation = checkpoint["perturbation"]
-    else:
+    if checkpoint is None or not store.readable_json(run_dir / "config.json"):
         store.write_config(run_dir, config, environment(device), train_size=len(train_loader.labels),
                            test_size=len(test_loader.labels))
     store.write_summary(run_dir, {"status": "running", "epochs_done": epochs_done, "epochs": config.epochs})
 
+    scaler = torch.amp.GradScaler(device.type) if config.precision == "fp16" else None
+    if scaler is not None and checkpoint is not None and "scaler" in checkpoint:
+        scaler.load_state_dict(checkpoint["scaler"])
     total_steps = config.epochs * len(train_loader)
     bar = None
     if progress:
@@ -213,7 +290,7 @@ def _train(config: RunConfig, device: torch.device, run_dir, progress: bool) -> 
         for epoch in range(epochs_done, config.epochs):
             start = time.perf_counter()
             stats = train_epoch(config, model, optimizer, train_loader, epoch, total_steps,
-                                _loss_generator(config, epoch, device), bar)
+                                _loss_generator(config, epoch, device), bar, scaler)
             stats = stats.cpu()  # the epoch's one host synchronisation for training metrics
             bad = _first_non_finite(stats)
             test_loss, test_acc = evaluate(model, test_loader)
@@ -234,6 +311,8 @@ def _train(config: RunConfig, device: torch.device, run_dir, progress: bool) -> 
                      "epoch_rows": epoch_rows, "step_stats": torch.cat(step_stats), "wall_seconds": wall}
             if isinstance(optimizer, SAM) and optimizer._previous_perturbation is not None:
                 state["perturbation"] = optimizer._previous_perturbation  # for the next epoch's first cosine
+            if scaler is not None:
+                state["scaler"] = scaler.state_dict()
             store.write_epoch(run_dir, epoch_rows, state["step_stats"], state)
             store.write_summary(run_dir, {"status": "running", "epochs_done": epoch + 1, "epochs": config.epochs})
             step_stats = [state["step_stats"]]
