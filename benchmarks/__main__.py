@@ -17,7 +17,7 @@ from pathlib import Path
 
 import torch
 
-from aace import SAM, aace_loss, build_model, frozen_bn_stats
+from aace import SAM, __version__ as aace_version, aace_loss, build_model, frozen_bn_stats
 from aace.data import DATASETS, ArrayData, BatchLoader
 
 HERE = Path(__file__).resolve().parent
@@ -246,7 +246,7 @@ def main(argv=None):
     results = {"machine": {"platform": platform.platform(), "processor": platform.processor() or platform.machine(),
                            "cpu_threads": torch.get_num_threads(), "device": str(device),
                            "gpu": torch.cuda.get_device_name() if device.type == "cuda" else None,
-                           "torch": torch.__version__},
+                           "torch": torch.__version__, "aace": aace_version},
                "goals": {"sam_over_sgd": "<= 2.05", "optimizer_loop_over_ours": ">= 3",
                          "step_ours_over_loop": "<= 1", "aace_over_ce": "<= 1.5",
                          "speedup_batched_over_per_sample": ">= 10", "data_share_of_sam_step": "< 0.05",

@@ -62,7 +62,7 @@ def test_loss_landscape_of_a_quadratic_is_the_parabola():
     alphas = np.linspace(-1, 1, 5)
     got = analysis.loss_landscape(loss2, [w2], alphas, seed=3)
     d = analysis.filter_normalized_direction([w2], seed=3)[0][0]
-    expected = [float(0.5 * (w2[0] + t * d) @ a @ (w2[0] + t * d)) for t in alphas]
+    expected = [float((0.5 * (w2[0] + t * d) @ a @ (w2[0] + t * d)).detach()) for t in alphas]
     np.testing.assert_allclose(got, expected, rtol=1e-10)
     grid = analysis.loss_landscape(loss2, [w2], alphas, betas=np.linspace(-1, 1, 3), seed=3)
     assert grid.shape == (5, 3)
