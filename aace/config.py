@@ -52,6 +52,7 @@ class RunConfig:
     seed: int = 42
     device: str = "auto"
     precision: str = "fp32"
+    m_sharpness: bool = False
     threads: int | None = None
     data_root: str | None = None
     download: bool = False
@@ -78,7 +79,7 @@ class RunConfig:
             parse_model_name(self.model, self.model_variant)
         except ValueError as err:
             raise ValueError(f"RunConfig.model: {err}") from None
-        for name in ("adaptive", "nesterov", "download"):
+        for name in ("adaptive", "nesterov", "download", "m_sharpness"):
             if not isinstance(getattr(self, name), bool):
                 fail(name, "True or False")
         if self.normalize is not None and not isinstance(self.normalize, bool):

@@ -16,7 +16,7 @@ import time
 
 import torch
 
-from . import store
+from . import distributed, store
 from .config import RunConfig
 from .data import BatchLoader, load_dataset, mean_std, spec, stratified_subset
 from .losses import aace_loss, cross_entropy
@@ -100,26 +100,28 @@ def evaluate(model: torch.nn.Module, loader: BatchLoader) -> tuple[float, float]
     return loss.item() / n, correct.item() / n
 
 
-def sam_update(model, optimizer: SAM, x, y, perturbation_loss_fn, update_loss_fn, autocast, scaler=None):
+def sam_update(model, optimizer: SAM, x, y, perturbation_loss_fn, update_loss_fn, autocast, scaler=None,
+               first_pass=None):
     """One SAM step: perturbation pass, ``first_step``, update pass at w + e under ``frozen_bn_stats``,
     ``second_step``. Returns (grad_norm, perturbation_norm, update_loss, skipped).
 
     With an fp16 ``scaler`` the gradients of each pass are unscaled before use; if either pass overflowed,
     the weights go back to w, neither the base optimizer nor its momentum moves, the scale backs off and
     ``skipped`` is True. This costs one host synchronisation per pass, in fp16 only.
+    ``first_pass``: a context for the perturbation pass, e.g. DDP's ``no_sync()`` for m-sharpness.
     """
-    with autocast:
-        logits = model(x)
-    perturbation_loss = perturbation_loss_fn(logits, y)
+    with first_pass or contextlib.nullcontext():
+        with autocast:
+            logits = model(x)
+        perturbation_loss = perturbation_loss_fn(logits, y)
+        (perturbation_loss if scaler is None else scaler.scale(perturbation_loss)).backward()
     if scaler is None:
-        perturbation_loss.backward()
         grad_norm, e_norm = optimizer.first_step(zero_grad=True)
         with frozen_bn_stats(model), autocast:
             loss = update_loss_fn(model(x), y)
         loss.backward()
         optimizer.second_step(zero_grad=True)
         return grad_norm, e_norm, loss.detach(), False
-    scaler.scale(perturbation_loss).backward()
     scaler.unscale_(optimizer)  # SAM shares its parameter groups with the base optimizer
     grad_norm, e_norm = optimizer.first_step(zero_grad=True)
     if not torch.isfinite(grad_norm):
@@ -148,8 +150,13 @@ def autocast_for(config: RunConfig, device: torch.device):
     return torch.autocast(device.type, dtype=torch.bfloat16 if config.precision == "bf16" else torch.float16)
 
 
-def train_epoch(config, model, optimizer, loader, epoch, total_steps, loss_generator, progress=None, scaler=None):
-    """One epoch; returns the per-step statistics as one (steps, len(STEP_COLUMNS)) device tensor."""
+def train_epoch(config, model, optimizer, loader, epoch, total_steps, loss_generator, progress=None, scaler=None,
+                world: distributed.World = distributed.World()):
+    """One epoch; returns the per-step statistics as one (steps, len(STEP_COLUMNS)) device tensor.
+
+    Under torchrun, ``model`` is the DDP-wrapped model and each rank trains on its slice of every global
+    batch; the statistics are this rank's.
+    """
     model.train()
     steps_per_epoch = len(loader)
     device = loader.labels.device
@@ -165,6 +172,7 @@ def train_epoch(config, model, optimizer, loader, epoch, total_steps, loss_gener
             z, t, config.aace_mode, config.aace_threshold, target_norm=config.aace_target,
             generator=loss_generator, check_labels=False)
     for i, (x, y) in enumerate(loader.epoch(epoch)):
+        x, y = distributed.shard(x, world), distributed.shard(y, world)
         lr = learning_rate(config, epoch * steps_per_epoch + i, total_steps)
         for group in optimizer.param_groups:
             group["lr"] = lr
@@ -193,8 +201,9 @@ def train_epoch(config, model, optimizer, loader, epoch, total_steps, loss_gener
             def perturbation_with_capture(z, t):
                 captured["logits"] = z.detach()
                 return perturbation_loss_fn(z, t)
-            grad_norm, e_norm, train_loss, skipped = sam_update(model, optimizer, x, y, perturbation_with_capture,
-                                                                update_loss_fn, autocast, scaler)
+            grad_norm, e_norm, train_loss, skipped = sam_update(
+                model, optimizer, x, y, perturbation_with_capture, update_loss_fn, autocast, scaler,
+                distributed.perturbation_context(model, config.m_sharpness))
             logits = captured["logits"]
             cosine = optimizer.perturbation_cosine
         with torch.no_grad():
@@ -236,9 +245,15 @@ def run(config: RunConfig, runs_dir: str | os.PathLike | None = None, *, progres
     """
     device = resolve_device(config.device)
     run_dir = store.run_dir(config, device, runs_dir)
-    with store.RunLock(run_dir):
-        if restart:
+    world = distributed.world_from_env()
+    if world.active and config.batch_size % world.size:
+        raise ValueError(f"RunConfig.batch_size: expected a multiple of the {world.size} processes, "
+                         f"got {config.batch_size}")
+    device = distributed.init(world, device)  # joins the torchrun job's process group, if any
+    with store.RunLock(run_dir) if world.main else contextlib.nullcontext():  # rank 0 owns the store
+        if restart and world.main:
             store.clear(run_dir)
+        distributed.barrier(world)
         try:
             existing = store.load_run(run_dir, missing_ok=True)
         except store.CorruptRun as err:  # the checkpoint is the source of truth: rebuild the rest from it
@@ -246,16 +261,19 @@ def run(config: RunConfig, runs_dir: str | os.PathLike | None = None, *, progres
             existing = None
         if existing is not None and existing.summary.get("status") in ("finished", "diverged"):
             return existing
-        return _train(config, device, run_dir, progress)
+        return _train(config, device, run_dir, progress, world)
 
 
-def _train(config: RunConfig, device: torch.device, run_dir, progress: bool) -> store.Run:
+def _train(config: RunConfig, device: torch.device, run_dir, progress, world: distributed.World) -> store.Run:
     if config.threads:
         torch.set_num_threads(config.threads)
+    main = world.main
+    progress = progress if main else False
     dspec, train_loader, test_loader = prepare_data(config, device)
     torch.manual_seed(config.seed)
     model = build_model(config.model, dspec.num_classes, dspec.channels, config.model_variant).to(device)
     model = model.to(memory_format=torch.channels_last)
+    net = distributed.wrap(model, world, device)
     optimizer = make_optimizer(config, model)
     epochs_done, epoch_rows, step_stats, wall = 0, [], [], 0.0
     checkpoint = store.load_checkpoint(run_dir, device)
@@ -264,13 +282,15 @@ def _train(config: RunConfig, device: torch.device, run_dir, progress: bool) -> 
         optimizer.load_state_dict(checkpoint["optimizer"])
         epochs_done, epoch_rows = checkpoint["epoch"], checkpoint["epoch_rows"]
         step_stats, wall = [checkpoint["step_stats"]], checkpoint["wall_seconds"]
-        store.write_tables(run_dir, epoch_rows, checkpoint["step_stats"])  # a kill may have left them behind
+        if main:
+            store.write_tables(run_dir, epoch_rows, checkpoint["step_stats"])  # a kill may have left them behind
         if "perturbation" in checkpoint and isinstance(optimizer, SAM):
             optimizer._previous_perturbation = checkpoint["perturbation"]
-    if checkpoint is None or not store.readable_json(run_dir / "config.json"):
-        store.write_config(run_dir, config, environment(device), train_size=len(train_loader.labels),
-                           test_size=len(test_loader.labels))
-    store.write_summary(run_dir, {"status": "running", "epochs_done": epochs_done, "epochs": config.epochs})
+    if main and (checkpoint is None or not store.readable_json(run_dir / "config.json")):
+        store.write_config(run_dir, config, {**environment(device), "processes": world.size},
+                           train_size=len(train_loader.labels), test_size=len(test_loader.labels))
+    if main:
+        store.write_summary(run_dir, {"status": "running", "epochs_done": epochs_done, "epochs": config.epochs})
 
     scaler = torch.amp.GradScaler(device.type) if config.precision == "fp16" else None
     if scaler is not None and checkpoint is not None and "scaler" in checkpoint:
@@ -289,10 +309,15 @@ def _train(config: RunConfig, device: torch.device, run_dir, progress: bool) -> 
     try:
         for epoch in range(epochs_done, config.epochs):
             start = time.perf_counter()
-            stats = train_epoch(config, model, optimizer, train_loader, epoch, total_steps,
-                                _loss_generator(config, epoch, device), bar, scaler)
+            stats = train_epoch(config, net, optimizer, train_loader, epoch, total_steps,
+                                _loss_generator(config, epoch, device), bar, scaler, world)
             stats = stats.cpu()  # the epoch's one host synchronisation for training metrics
             bad = _first_non_finite(stats)
+            if world.active:  # every rank stops together, on rank 0's verdict
+                flag = torch.tensor([0 if bad is None else 1], device=device)
+                torch.distributed.broadcast(flag, 0)
+                if flag.item() and bad is None:
+                    bad = (0, "loss on rank 0")
             test_loss, test_acc = evaluate(model, test_loader)
             seconds = time.perf_counter() - start
             wall += seconds
@@ -302,8 +327,9 @@ def _train(config: RunConfig, device: torch.device, run_dir, progress: bool) -> 
             if bad is not None:
                 summary = {"status": "diverged", "epoch": epoch + 1, "step": epoch * len(train_loader) + bad[0] + 1,
                            "loss": bad[1], "epochs": config.epochs, "wall_seconds": wall}
-                store.write_epoch(run_dir, epoch_rows, torch.cat(step_stats), None)
-                store.write_summary(run_dir, summary)
+                if main:
+                    store.write_epoch(run_dir, epoch_rows, torch.cat(step_stats), None)
+                    store.write_summary(run_dir, summary)
                 if bar is not None:
                     bar.write(f"diverged: non-finite {bad[1]} at epoch {epoch + 1}, step {summary['step']}")
                 break
@@ -313,22 +339,25 @@ def _train(config: RunConfig, device: torch.device, run_dir, progress: bool) -> 
                 state["perturbation"] = optimizer._previous_perturbation  # for the next epoch's first cosine
             if scaler is not None:
                 state["scaler"] = scaler.state_dict()
-            store.write_epoch(run_dir, epoch_rows, state["step_stats"], state)
-            store.write_summary(run_dir, {"status": "running", "epochs_done": epoch + 1, "epochs": config.epochs})
+            if main:
+                store.write_epoch(run_dir, epoch_rows, state["step_stats"], state)
+                store.write_summary(run_dir, {"status": "running", "epochs_done": epoch + 1,
+                                              "epochs": config.epochs})
             step_stats = [state["step_stats"]]
             if bar is not None:
                 bar.set_postfix(loss=f"{row['train_loss']:.3f}", acc=f"{row['train_acc']:.3f}",
                                 test=f"{row['test_acc']:.3f}", img_s=f"{row['images_per_second']:.0f}")
         else:
             final = epoch_rows[-1]
-            store.write_summary(run_dir, {"status": "finished", "epochs": config.epochs, "wall_seconds": wall,
-                                          **{k: final[k] for k in ("train_acc", "test_acc", "test_loss",
-                                                                    "ce_loss", "aace_loss", "train_loss")},
-                                          "images_per_second": sum(r["images_per_second"] for r in epoch_rows)
-                                          / len(epoch_rows)})
+            if main:
+                store.write_summary(run_dir, {
+                    "status": "finished", "epochs": config.epochs, "wall_seconds": wall,
+                    **{k: final[k] for k in ("train_acc", "test_acc", "test_loss", "ce_loss", "aace_loss", "train_loss")},
+                    "images_per_second": sum(r["images_per_second"] for r in epoch_rows) / len(epoch_rows)})
     finally:
         if bar is not None:
             bar.close()
+    distributed.barrier(world)  # the other ranks read the store only once rank 0 has written it
     return store.load_run(run_dir)
 
 
