@@ -101,12 +101,13 @@ def test_m_sharpness_perturbs_each_shard_on_its_own(tmp_path):
     assert any((ours[k] - plain[k]).abs().max() > 1e-4 for k in plain)  # and differs from the default
 
 
+# The book's GPU page gives these commands (torchrun is torch.distributed.run).
 ARGS = ["-m", "aace", "train", "--profile", "smoke", "--method", "aace", "--train-subset", "512", "--test-subset",
         "64", "--batch-size", "64", "--no-progress"]
 
 
 def test_torchrun_training_writes_the_store_from_rank_zero(tmp_path):
-    result = subprocess.run([*TORCHRUN, "--no-python", sys.executable, *ARGS, "--epochs", "2", "--runs-dir",
+    result = subprocess.run([*TORCHRUN, *ARGS, "--epochs", "2", "--runs-dir",
                              str(tmp_path)], capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stderr[-3000:]
     (run_dir,) = list(tmp_path.iterdir())
@@ -137,7 +138,7 @@ def _rank_of(pid):
 
 
 def test_killing_one_rank_fails_the_job_cleanly_with_the_checkpoint_intact(tmp_path):
-    proc = subprocess.Popen([*TORCHRUN, "--no-python", sys.executable, *ARGS, "--epochs", "30", "--runs-dir",
+    proc = subprocess.Popen([*TORCHRUN, *ARGS, "--epochs", "30", "--runs-dir",
                              str(tmp_path)], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     deadline = time.time() + 240
     while not list(tmp_path.glob("*/checkpoint.pt")) and time.time() < deadline:
