@@ -38,6 +38,11 @@ class RunConfig:
     aace_threshold: float = 0.0
     aace_target: str = "authors"
     label_smoothing: float = 0.0
+    perturbation_loss: str | None = None   # None: the method's own (CE for sam, AACE for aace)
+    update_loss: str = "cross_entropy"
+    focal_gamma: float = 2.0
+    taylor_order: int = 2
+    label_noise: float = 0.0               # symmetric: this share of training labels moved to another class
     epochs: int = 20
     batch_size: int = 128
     lr: float = 0.1
@@ -105,6 +110,18 @@ class RunConfig:
         for name in ("seed", "subset_seed"):
             if not (is_int(getattr(self, name)) and getattr(self, name) >= 0):
                 fail(name, "an integer >= 0")
+        allowed_perturbation = {"sgd": (None,), "sam": (None, "cross_entropy", "focal", "taylor_ce"),
+                                "aace": (None, "aace")}[self.method]
+        if self.perturbation_loss not in allowed_perturbation:
+            fail("perturbation_loss", f"one of {allowed_perturbation} for method {self.method!r}")
+        if self.update_loss not in ("cross_entropy", "focal", "taylor_ce"):
+            fail("update_loss", "one of ('cross_entropy', 'focal', 'taylor_ce')")
+        if not (is_number(self.focal_gamma) and self.focal_gamma >= 0):
+            fail("focal_gamma", "a finite number >= 0")
+        if not (is_int(self.taylor_order) and self.taylor_order >= 1):
+            fail("taylor_order", "an integer >= 1")
+        if not (is_number(self.label_noise) and 0.0 <= self.label_noise < 1.0):
+            fail("label_noise", "a number in [0, 1)")
         if self.nesterov and self.momentum == 0:
             fail("nesterov", "False when momentum is 0 (Nesterov needs momentum)")
         if self.data_root is not None and not isinstance(self.data_root, str):
@@ -117,6 +134,11 @@ class RunConfig:
             default_rho, default_norm = (0.05, True) if self.method == "sam" else (0.2, False)
             object.__setattr__(self, "rho", default_rho if self.rho is None else float(self.rho))
             object.__setattr__(self, "normalize", default_norm if self.normalize is None else self.normalize)
+
+    def loss_options(self, name: str) -> dict:
+        """The options of a named loss that this config sets."""
+        return {"focal": {"gamma": self.focal_gamma}, "taylor_ce": {"order": self.taylor_order},
+                "cross_entropy": {"label_smoothing": self.label_smoothing}}.get(name, {})
 
     def replace(self, **changes) -> "RunConfig":
         unknown = set(changes) - {f.name for f in fields(self)}
@@ -149,6 +171,8 @@ class RunConfig:
         name = "SAM" if self.method == "sam" else "SAM+AACE"
         if self.method == "aace" and self.aace_mode != "ada":
             name += f"-{self.aace_mode}"
+        if self.perturbation_loss not in (None, "cross_entropy", "aace"):
+            name += f"[{self.perturbation_loss}]"
         norm = "" if self.normalize == (self.method == "sam") else (", normalised" if self.normalize else ", unnormalised")
         return f"{name} (rho {self.rho:g}{norm})"
 

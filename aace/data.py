@@ -230,6 +230,17 @@ def stratified_subset(labels: torch.Tensor, size: int, seed: int) -> torch.Tenso
     return torch.sort(chosen).values
 
 
+def symmetric_label_noise(labels: torch.Tensor, fraction: float, num_classes: int, seed: int) -> torch.Tensor:
+    """A copy of ``labels`` in which round(fraction * N) samples, chosen by ``seed``, carry a uniformly
+    drawn wrong class."""
+    g = torch.Generator().manual_seed(seed + 7919)
+    noisy = labels.clone()
+    chosen = torch.randperm(len(labels), generator=g)[: round(fraction * len(labels))]
+    shift = torch.randint(1, num_classes, (len(chosen),), generator=g)
+    noisy[chosen] = (labels[chosen] + shift) % num_classes
+    return noisy
+
+
 def mean_std(spec_: DatasetSpec, train: ArrayData) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-channel normalisation constants in [0, 1] pixel units."""
     if spec_.fixed_mean_std is not None:

@@ -129,3 +129,29 @@ class AACELoss(nn.Module):
 
     def extra_repr(self) -> str:
         return f"mode={self.mode!r}, threshold={self.threshold}, target_norm={self.target_norm!r}"
+
+
+def focal_loss(logits: torch.Tensor, target: torch.Tensor, gamma: float = 2.0, reduction: str = "mean",
+               check_labels: bool = True) -> torch.Tensor:
+    """Focal loss (Lin et al., 2017), multi-class: -(1 - p_y)^gamma log p_y; gamma = 0 is cross-entropy."""
+    _check_inputs(logits, target, reduction, check_labels)
+    if not gamma >= 0:
+        raise ValueError(f"gamma must be >= 0, got {gamma!r}")
+    log_p = torch.log_softmax(logits.float(), dim=1).gather(1, target.long()[:, None]).squeeze(1)
+    return _reduce(-(-torch.expm1(log_p)) ** gamma * log_p, reduction)  # 1 - p_y = -expm1(log p_y), accurate
+
+
+def taylor_cross_entropy(logits: torch.Tensor, target: torch.Tensor, order: int = 2, reduction: str = "mean",
+                         check_labels: bool = True) -> torch.Tensor:
+    """Taylor cross-entropy (Feng et al., IJCAI 2020): sum_{k=1..order} (1 - p_y)^k / k, the order-t Taylor
+    series of -log p_y around p_y = 1; bounded, hence robust to label noise. order -> infinity gives CE."""
+    _check_inputs(logits, target, reduction, check_labels)
+    if not (isinstance(order, int) and order >= 1):
+        raise ValueError(f"order must be an integer >= 1, got {order!r}")
+    log_p = torch.log_softmax(logits.float(), dim=1).gather(1, target.long()[:, None]).squeeze(1)
+    q = -torch.expm1(log_p)
+    return _reduce(sum(q ** k / k for k in range(1, order + 1)), reduction)
+
+
+# Losses by name, for either SAM pass: loss(logits, target, reduction=..., check_labels=..., **options).
+LOSSES = {"cross_entropy": cross_entropy, "aace": aace_loss, "focal": focal_loss, "taylor_ce": taylor_cross_entropy}

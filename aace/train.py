@@ -18,8 +18,8 @@ import torch
 
 from . import distributed, store
 from .config import RunConfig
-from .data import BatchLoader, load_dataset, mean_std, spec, stratified_subset
-from .losses import aace_loss, cross_entropy
+from .data import ArrayData, BatchLoader, load_dataset, mean_std, spec, stratified_subset, symmetric_label_noise
+from .losses import LOSSES, aace_loss, cross_entropy
 from .models import build_model
 from .sam import SAM, frozen_bn_stats
 
@@ -66,6 +66,9 @@ def prepare_data(config: RunConfig, device: torch.device):
         train = train.subset(stratified_subset(train.labels, config.train_subset, config.subset_seed))
     if config.test_subset:
         test = test.subset(stratified_subset(test.labels, config.test_subset, config.subset_seed))
+    if config.label_noise:
+        train = ArrayData(train.images, symmetric_label_noise(train.labels, config.label_noise, dspec.num_classes,
+                                                              config.seed))
     for name, part in (("training", train), ("test", test)):
         if len(part) and not 0 <= int(part.labels.min()) <= int(part.labels.max()) < dspec.num_classes:
             raise ValueError(f"{config.dataset} {name} labels outside [0, {dspec.num_classes - 1}]: "
@@ -164,9 +167,12 @@ def train_epoch(config, model, optimizer, loader, epoch, total_steps, loss_gener
     nan = torch.full((), float("nan"), device=device)
     autocast = autocast_for(config, device)
     # labels were checked once when the data was loaded: no per-step check (a host synchronisation)
-    update_loss_fn = lambda z, t: cross_entropy(z, t, config.label_smoothing, check_labels=False)  # noqa: E731
+    update = LOSSES[config.update_loss]
+    update_loss_fn = lambda z, t: update(z, t, check_labels=False, **config.loss_options(config.update_loss))  # noqa: E731
     if config.method == "sam":
-        perturbation_loss_fn = lambda z, t: cross_entropy(z, t, check_labels=False)  # noqa: E731
+        name = config.perturbation_loss or "cross_entropy"
+        options = {} if name == "cross_entropy" else config.loss_options(name)  # no smoothing in the ascent
+        perturbation_loss_fn = lambda z, t: LOSSES[name](z, t, check_labels=False, **options)  # noqa: E731
     else:
         perturbation_loss_fn = lambda z, t: aace_loss(  # noqa: E731
             z, t, config.aace_mode, config.aace_threshold, target_norm=config.aace_target,

@@ -193,3 +193,12 @@ def test_batch_loader_shapes_normalisation_and_determinism(name):
     assert torch.equal(labels.sort().values, dataset.labels.sort().values)  # each sample once per epoch
     plain = list(BatchLoader(dataset, s, mean, std, 1000, train=False).epoch(0))[0][0]
     torch.testing.assert_close(plain.mean(dim=(0, 2, 3)), torch.zeros(s.channels), atol=1e-4, rtol=0)
+
+
+def test_symmetric_label_noise_is_fixed_by_seed_and_always_wrong():
+    from aace.data import symmetric_label_noise
+    labels = torch.arange(1000) % 10
+    noisy = symmetric_label_noise(labels, 0.4, 10, seed=3)
+    assert (noisy != labels).sum() == 400 and noisy.min() >= 0 and noisy.max() <= 9
+    assert torch.equal(noisy, symmetric_label_noise(labels, 0.4, 10, seed=3))
+    assert not torch.equal(noisy, symmetric_label_noise(labels, 0.4, 10, seed=4))

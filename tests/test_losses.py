@@ -182,3 +182,52 @@ def test_bad_inputs_raise_clear_errors(batch, call, message):
     logits, y = batch
     with pytest.raises(ValueError, match=message):
         call(logits, y)
+
+
+# ----------------------------------------------------------------------------- related losses
+
+from aace import LOSSES, focal_loss, taylor_cross_entropy  # noqa: E402
+
+
+@pytest.mark.parametrize("gamma", [0.0, 0.5, 2.0])
+def test_focal_loss_closed_form_and_autograd(batch, gamma):
+    logits, y = batch
+    p_y = torch.softmax(logits.double(), 1)[torch.arange(6), y]
+    expected = -((1 - p_y) ** gamma) * torch.log(p_y)
+    torch.testing.assert_close(focal_loss(logits, y, gamma, reduction="none").double(), expected, rtol=1e-5, atol=1e-6)
+    z = logits.double().requires_grad_()
+    focal_loss(z, y, gamma, reduction="sum").backward()
+    z2 = logits.double().requires_grad_()
+    p = torch.softmax(z2, 1)[torch.arange(6), y]
+    (-((1 - p) ** gamma) * torch.log(p)).sum().backward()
+    torch.testing.assert_close(z.grad, z2.grad, rtol=1e-5, atol=1e-7)
+    if gamma == 0:
+        torch.testing.assert_close(focal_loss(logits, y, 0.0), F.cross_entropy(logits, y))
+
+
+@pytest.mark.parametrize("order", [1, 2, 6])
+def test_taylor_cross_entropy_closed_form(batch, order):
+    logits, y = batch
+    q = 1 - torch.softmax(logits.double(), 1)[torch.arange(6), y]
+    expected = sum(q ** k / k for k in range(1, order + 1))
+    torch.testing.assert_close(taylor_cross_entropy(logits, y, order, reduction="none").double(), expected,
+                               rtol=1e-5, atol=1e-6)
+
+
+def test_taylor_cross_entropy_approaches_cross_entropy_and_stays_bounded():
+    logits = torch.tensor([[2.0, 0.0, -1.0]])
+    y = torch.tensor([0])
+    assert abs(taylor_cross_entropy(logits, y, 200) - F.cross_entropy(logits, y)) < 1e-6
+    wrong = torch.tensor([[-50.0, 50.0, 0.0]])  # a confidently wrong sample (a noisy label): CE is 100
+    assert taylor_cross_entropy(wrong, y, 2) <= 1.5 + 1e-6 and F.cross_entropy(wrong, y) > 99
+
+
+@pytest.mark.parametrize("name", sorted(LOSSES))
+@pytest.mark.parametrize("margin", [1e4, -1e4])
+def test_every_registered_loss_is_finite_for_huge_margins(name, margin):
+    z = torch.zeros(4, 10)
+    z[:, 3] = margin
+    z.requires_grad_()
+    loss = LOSSES[name](z, torch.full((4,), 3), reduction="mean", check_labels=True)
+    loss.backward()
+    assert torch.isfinite(loss) and torch.isfinite(z.grad).all()

@@ -169,3 +169,17 @@ def test_cli_runs_lists_stored_runs(tmp_path, capsys):
     assert cli_main(["runs", "--runs-dir", str(tmp_path)]) == 0
     out = capsys.readouterr().out
     assert "SGD" in out and "finished" in out
+
+
+def test_related_losses_and_label_noise_from_the_command_line(tmp_path):
+    args = ["train", "--profile", "smoke", "--method", "sam", "--perturbation-loss", "taylor_ce", "--update-loss",
+            "focal", "--focal-gamma", "1.0", "--label-noise", "0.2", "--epochs", "1", "--train-subset", "128",
+            "--test-subset", "64", "--no-progress", "--runs-dir", str(tmp_path)]
+    assert cli_main(args) == 0
+    (stored,) = store.list_runs(tmp_path)
+    assert stored.config.perturbation_loss == "taylor_ce" and stored.config.label_noise == 0.2
+    assert stored.config.label() == "SAM[taylor_ce] (rho 0.05)"
+    with pytest.raises(ValueError, match="RunConfig.perturbation_loss"):
+        RunConfig(method="aace", perturbation_loss="focal")
+    with pytest.raises(ValueError, match="RunConfig.update_loss"):
+        RunConfig(update_loss="aace")
