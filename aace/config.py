@@ -5,7 +5,7 @@ import dataclasses
 import hashlib
 import json
 import math
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, fields
 
 from .data import AUGMENTS, DATASETS
 from .losses import AACE_MODES, AACE_TARGETS

@@ -29,10 +29,6 @@ EPOCH_COLUMNS = ("epoch", "lr", "ce_loss", "aace_loss", "grad_norm", "perturbati
                  "train_loss", "train_acc", "test_loss", "test_acc", "epoch_seconds", "images_per_second")
 
 
-class Diverged(RuntimeError):
-    pass
-
-
 def resolve_device(device: str) -> torch.device:
     if device == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
