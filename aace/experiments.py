@@ -226,3 +226,28 @@ def summary_row(runs: list[Run]) -> dict:
         "‖e‖, last quarter": format_spread(last_quarter(runs, "perturbation_norm"), 1, 3),
         "cos(e_t, e_t-1), last quarter": format_spread(last_quarter(runs, "perturbation_cosine"), 1, 3),
     }
+
+
+def quarter(run_: Run, column: str, which: str) -> float:
+    """Mean of a per-epoch metric over the first or the last quarter of a run's epochs."""
+    m = run_.metrics[column]
+    n = max(1, len(m) // 4)
+    return float(m.iloc[:n].mean() if which == "first" else m.iloc[-n:].mean())
+
+
+def paired(a: list[Run], b: list[Run], fn) -> dict:
+    """Spread of fn(b) - fn(a) over the seeds finished in both."""
+    pairs = {r.config.seed: fn(r) for r in a if r.finished}
+    return spread([fn(r) - pairs[r.config.seed] for r in b if r.finished and r.config.seed in pairs])
+
+
+def verdict(d: dict, better: str = "higher") -> str:
+    """'holds' when the 95 % interval of a difference excludes zero in the claimed direction."""
+    if d["n"] < 2:
+        return "not testable with one seed"
+    low, high = d["mean"] - d["ci95"], d["mean"] + d["ci95"]
+    if (low > 0) if better == "higher" else (high < 0):
+        return "holds"
+    if (high < 0) if better == "higher" else (low > 0):
+        return "reversed"
+    return "no clear difference"

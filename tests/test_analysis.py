@@ -83,3 +83,14 @@ def test_fraction_below_and_loss_curves():
     assert analysis.fraction_below([0.1, 0.2, 0.3, 0.4], 0.25) == 0.5
     table = analysis.loss_vs_true_probability([0.5, 0.9], 10)
     assert table.aace_loss.tolist() == pytest.approx([math.log(2), -math.log(0.1)])
+
+
+def test_spread_interval_and_verdicts():
+    from aace import experiments as ex
+    s = ex.spread([1.0, 2.0, 3.0])
+    assert s["mean"] == 2.0 and s["std"] == 1.0 and s["ci95"] == pytest.approx(4.303 / math.sqrt(3))
+    assert ex.verdict(ex.spread([1.0, 1.1, 0.9])) == "holds"
+    assert ex.verdict(ex.spread([-1.0, -1.1, -0.9])) == "reversed"
+    assert ex.verdict(ex.spread([-1.0, 1.0, 0.1])) == "no clear difference"
+    assert ex.verdict(ex.spread([-1.0, -1.1, -0.9]), better="lower") == "holds"
+    assert ex.verdict(ex.spread([5.0])) == "not testable with one seed"
