@@ -1,6 +1,7 @@
 """Measurements on the losses and on trained runs."""
 from __future__ import annotations
 
+import functools
 import math
 
 import pandas as pd
@@ -56,11 +57,17 @@ def model_of(run, device: str = "cpu") -> torch.nn.Module:
     return model.to(device).eval()
 
 
+@functools.lru_cache(maxsize=2)
+def _dataset(name: str, data_root: str | None):
+    from .data import load_dataset
+    return load_dataset(name, data_root)  # read once per page, not once per run analysed
+
+
 def fixed_batch(run, size: int = 512, seed: int = 0, split: str = "train"):
     """A fixed, stratified batch of a run's training (or test) data, normalised, without augmentation."""
-    from .data import BatchLoader, load_dataset, mean_std, spec, stratified_subset
+    from .data import BatchLoader, mean_std, spec, stratified_subset
     c = run.config
-    train, test = load_dataset(c.dataset, c.data_root)
+    train, test = _dataset(c.dataset, c.data_root)
     dspec = spec(c.dataset)
     mean, std = mean_std(dspec, train)
     if c.train_subset:

@@ -214,7 +214,7 @@ def published_table(datasets, family: str):
 
 def last_quarter(runs: list[Run], column: str) -> dict:
     """Spread over runs of a metric's mean over the last quarter of the epochs."""
-    return spread([float(r.metrics[column].iloc[-max(1, len(r.metrics) // 4):].mean()) for r in runs if r.finished])
+    return spread([quarter(r, column, "last") for r in runs if r.finished])
 
 
 def summary_row(runs: list[Run]) -> dict:
