@@ -8,14 +8,17 @@ import math
 from dataclasses import dataclass, fields
 
 from .data import AUGMENTS, DATASETS
-from .losses import AACE_MODES, AACE_TARGETS
+from .losses import AACE_MODES, AACE_TARGETS, LOSSES
 from .models import VARIANTS, parse_model_name
 
 METHODS = ("sgd", "sam", "aace")
 SCHEDULES = ("step", "cosine")
 DEVICES = ("auto", "cpu", "cuda")
 PRECISIONS = ("fp32", "bf16", "fp16")
-# Settings that do not change the numbers a run produces: left out of the run's hash.
+# Losses either pass can use besides the method's own; AACE stays the 'aace' method's (its rho and mode).
+OTHER_LOSSES = tuple(name for name in LOSSES if name != "aace")
+# Settings that do not change the numbers a run produces: left out of the run's hash (``threads`` is a
+# request; the thread count the run actually uses is hashed instead, see ``RunConfig.run_hash``).
 NOT_IN_HASH = ("data_root", "download", "threads")
 
 
@@ -40,7 +43,7 @@ class RunConfig:
     label_smoothing: float = 0.0
     perturbation_loss: str | None = None   # None: the method's own (CE for sam, AACE for aace)
     update_loss: str = "cross_entropy"
-    focal_gamma: float = 2.0
+    focal_gamma: float = 2.0               # gamma of the focal and dual focal losses
     taylor_order: int = 2
     label_noise: float = 0.0               # symmetric: this share of training labels moved to another class
     epochs: int = 20
@@ -110,12 +113,11 @@ class RunConfig:
         for name in ("seed", "subset_seed"):
             if not (is_int(getattr(self, name)) and getattr(self, name) >= 0):
                 fail(name, "an integer >= 0")
-        allowed_perturbation = {"sgd": (None,), "sam": (None, "cross_entropy", "focal", "taylor_ce"),
-                                "aace": (None, "aace")}[self.method]
+        allowed_perturbation = {"sgd": (None,), "sam": (None, *OTHER_LOSSES), "aace": (None, "aace")}[self.method]
         if self.perturbation_loss not in allowed_perturbation:
             fail("perturbation_loss", f"one of {allowed_perturbation} for method {self.method!r}")
-        if self.update_loss not in ("cross_entropy", "focal", "taylor_ce"):
-            fail("update_loss", "one of ('cross_entropy', 'focal', 'taylor_ce')")
+        if self.update_loss not in OTHER_LOSSES:
+            fail("update_loss", f"one of {OTHER_LOSSES}")
         if not (is_number(self.focal_gamma) and self.focal_gamma >= 0):
             fail("focal_gamma", "a finite number >= 0")
         if not (is_int(self.taylor_order) and self.taylor_order >= 1):
@@ -137,7 +139,8 @@ class RunConfig:
 
     def loss_options(self, name: str) -> dict:
         """The options of a named loss that this config sets."""
-        return {"focal": {"gamma": self.focal_gamma}, "taylor_ce": {"order": self.taylor_order},
+        return {"focal": {"gamma": self.focal_gamma}, "dual_focal": {"gamma": self.focal_gamma},
+                "taylor_ce": {"order": self.taylor_order},
                 "cross_entropy": {"label_smoothing": self.label_smoothing}}.get(name, {})
 
     def replace(self, **changes) -> "RunConfig":
@@ -152,16 +155,22 @@ class RunConfig:
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
 
-    def run_hash(self, device_type: str) -> str:
-        """Short hash of every setting that changes the numbers, the device type and the code's version.
+    def run_hash(self, device_type: str, cpu_threads: int | None = None) -> str:
+        """Short hash of every setting that changes the numbers, the device and the code's version.
 
         Settings at their default value are left out, so that adding an option to RunConfig later does
         not orphan the runs already stored (a changed default must come with a new ``aace.__version__``).
+        On the CPU the thread count counts too: threads split the float sums differently, so 1 and 2
+        threads give different numbers in the last bits (``threads`` itself is only a request).
         """
         from . import __version__
         defaults = {f.name: f.default for f in fields(self)}
         items = {k: v for k, v in self.to_dict().items() if k not in NOT_IN_HASH and v != defaults[k]}
         items["device"], items["aace_version"] = device_type, __version__
+        if device_type == "cpu":
+            if not (isinstance(cpu_threads, int) and cpu_threads >= 1):
+                raise ValueError(f"run_hash: a CPU run's hash needs its thread count, got cpu_threads={cpu_threads!r}")
+            items["cpu_threads"] = cpu_threads
         return hashlib.sha256(json.dumps(items, sort_keys=True).encode()).hexdigest()[:10]
 
     def label(self) -> str:
@@ -174,7 +183,8 @@ class RunConfig:
         if self.perturbation_loss not in (None, "cross_entropy", "aace"):
             name += f"[{self.perturbation_loss}]"
         norm = "" if self.normalize == (self.method == "sam") else (", normalised" if self.normalize else ", unnormalised")
-        return f"{name} (rho {self.rho:g}{norm})"
+        update = "" if self.update_loss == "cross_entropy" else f", update {self.update_loss}"
+        return f"{name} (rho {self.rho:g}{norm}{update})"
 
 
 def field_names() -> list[str]:

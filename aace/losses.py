@@ -131,14 +131,42 @@ class AACELoss(nn.Module):
         return f"mode={self.mode!r}, threshold={self.threshold}, target_norm={self.target_norm!r}"
 
 
+def _true_class_log_prob(logits: torch.Tensor, target: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(log p, log p_y) in float32."""
+    log_p = torch.log_softmax(logits.float(), dim=1)
+    return log_p, log_p.gather(1, target.long()[:, None]).squeeze(1)
+
+
+def _modulated(weight: torch.Tensor, gamma: float) -> torch.Tensor:
+    # weight ** gamma with weight kept off 0: for 0 < gamma < 1 the power's derivative at 0 is infinite and,
+    # times the zero loss of a confident sample, would give NaN gradients.
+    return weight.clamp(min=torch.finfo(weight.dtype).tiny) ** gamma
+
+
 def focal_loss(logits: torch.Tensor, target: torch.Tensor, gamma: float = 2.0, reduction: str = "mean",
                check_labels: bool = True) -> torch.Tensor:
-    """Focal loss (Lin et al., 2017), multi-class: -(1 - p_y)^gamma log p_y; gamma = 0 is cross-entropy."""
+    """Focal loss (Lin et al., ICCV 2017), multi-class: -(1 - p_y)^gamma log p_y; gamma = 0 is cross-entropy."""
     _check_inputs(logits, target, reduction, check_labels)
     if not gamma >= 0:
         raise ValueError(f"gamma must be >= 0, got {gamma!r}")
-    log_p = torch.log_softmax(logits.float(), dim=1).gather(1, target.long()[:, None]).squeeze(1)
-    return _reduce(-(-torch.expm1(log_p)) ** gamma * log_p, reduction)  # 1 - p_y = -expm1(log p_y), accurate
+    _, log_p_y = _true_class_log_prob(logits, target)
+    return _reduce(-_modulated(-torch.expm1(log_p_y), gamma) * log_p_y, reduction)  # 1 - p_y = -expm1(log p_y)
+
+
+def dual_focal_loss(logits: torch.Tensor, target: torch.Tensor, gamma: float = 2.0, reduction: str = "mean",
+                    check_labels: bool = True) -> torch.Tensor:
+    """Dual focal loss (Tao, Dong & Xu, ICML 2023, arXiv 2305.13665): -(1 - p_y + p_j)^gamma log p_y, with
+    p_j the largest probability below p_y (0 when p_y is the smallest). Unlike focal loss it looks at a
+    non-target class too: the weight stays large while the runner-up is close to the true class."""
+    _check_inputs(logits, target, reduction, check_labels)
+    if not gamma >= 0:
+        raise ValueError(f"gamma must be >= 0, got {gamma!r}")
+    log_p, log_p_y = _true_class_log_prob(logits, target)
+    p = log_p.exp()
+    # The target itself and any class at or above it drop out (exp of the same value compares equal).
+    p_below = p.masked_fill(p >= log_p_y.exp()[:, None], 0.0)
+    weight = -torch.expm1(log_p_y) + p_below.amax(dim=1)
+    return _reduce(-_modulated(weight, gamma) * log_p_y, reduction)
 
 
 def taylor_cross_entropy(logits: torch.Tensor, target: torch.Tensor, order: int = 2, reduction: str = "mean",
@@ -148,10 +176,11 @@ def taylor_cross_entropy(logits: torch.Tensor, target: torch.Tensor, order: int 
     _check_inputs(logits, target, reduction, check_labels)
     if not (isinstance(order, int) and order >= 1):
         raise ValueError(f"order must be an integer >= 1, got {order!r}")
-    log_p = torch.log_softmax(logits.float(), dim=1).gather(1, target.long()[:, None]).squeeze(1)
-    q = -torch.expm1(log_p)
+    _, log_p_y = _true_class_log_prob(logits, target)
+    q = -torch.expm1(log_p_y)
     return _reduce(sum(q ** k / k for k in range(1, order + 1)), reduction)
 
 
 # Losses by name, for either SAM pass: loss(logits, target, reduction=..., check_labels=..., **options).
-LOSSES = {"cross_entropy": cross_entropy, "aace": aace_loss, "focal": focal_loss, "taylor_ce": taylor_cross_entropy}
+LOSSES = {"cross_entropy": cross_entropy, "aace": aace_loss, "focal": focal_loss, "dual_focal": dual_focal_loss,
+          "taylor_ce": taylor_cross_entropy}

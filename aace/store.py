@@ -33,7 +33,8 @@ def default_runs_dir() -> Path:
 
 
 def run_dir(config: RunConfig, device: torch.device, runs_dir=None) -> Path:
-    return Path(runs_dir or default_runs_dir()) / f"{config.method}-{config.run_hash(device.type)}"
+    threads = config.threads or torch.get_num_threads()  # what _train will run with
+    return Path(runs_dir or default_runs_dir()) / f"{config.method}-{config.run_hash(device.type, threads)}"
 
 
 class CorruptRun(RuntimeError):

@@ -99,6 +99,26 @@ def evaluate(model: torch.nn.Module, loader: BatchLoader) -> tuple[float, float]
     return loss.item() / n, correct.item() / n
 
 
+def loss_functions(config: RunConfig, loss_generator: torch.Generator | None = None):
+    """(perturbation loss, update loss) of a run, each ``fn(logits, labels)`` with the config's options.
+
+    Labels are checked once when the data loads, so the losses skip their per-call check (a host sync).
+    """
+    def named(name, options):
+        return lambda z, t: LOSSES[name](z, t, check_labels=False, **options)
+
+    update_loss_fn = named(config.update_loss, config.loss_options(config.update_loss))
+    if config.method == "aace":
+        def perturbation_loss_fn(z, t):
+            return aace_loss(z, t, config.aace_mode, config.aace_threshold, target_norm=config.aace_target,
+                             generator=loss_generator, check_labels=False)
+    else:
+        name = config.perturbation_loss or "cross_entropy"
+        # label smoothing belongs to the update step: the ascent uses plain CE, as the authors' code
+        perturbation_loss_fn = named(name, {} if name == "cross_entropy" else config.loss_options(name))
+    return perturbation_loss_fn, update_loss_fn
+
+
 def sam_update(model, optimizer: SAM, x, y, perturbation_loss_fn, update_loss_fn, autocast, scaler=None,
                first_pass=None):
     """One SAM step: perturbation pass, ``first_step``, update pass at w + e under ``frozen_bn_stats``,
@@ -162,17 +182,7 @@ def train_epoch(config, model, optimizer, loader, epoch, total_steps, loss_gener
     stats = torch.empty(steps_per_epoch, len(STEP_COLUMNS), device=device)
     nan = torch.full((), float("nan"), device=device)
     autocast = autocast_for(config, device)
-    # labels were checked once when the data was loaded: no per-step check (a host synchronisation)
-    update = LOSSES[config.update_loss]
-    update_loss_fn = lambda z, t: update(z, t, check_labels=False, **config.loss_options(config.update_loss))  # noqa: E731
-    if config.method == "sam":
-        name = config.perturbation_loss or "cross_entropy"
-        options = {} if name == "cross_entropy" else config.loss_options(name)  # no smoothing in the ascent
-        perturbation_loss_fn = lambda z, t: LOSSES[name](z, t, check_labels=False, **options)  # noqa: E731
-    else:
-        perturbation_loss_fn = lambda z, t: aace_loss(  # noqa: E731
-            z, t, config.aace_mode, config.aace_threshold, target_norm=config.aace_target,
-            generator=loss_generator, check_labels=False)
+    perturbation_loss_fn, update_loss_fn = loss_functions(config, loss_generator)
     for i, (x, y) in enumerate(loader.epoch(epoch)):
         x, y = distributed.shard(x, world), distributed.shard(y, world)
         lr = learning_rate(config, epoch * steps_per_epoch + i, total_steps)

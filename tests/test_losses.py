@@ -186,7 +186,7 @@ def test_bad_inputs_raise_clear_errors(batch, call, message):
 
 # ----------------------------------------------------------------------------- related losses
 
-from aace import LOSSES, focal_loss, taylor_cross_entropy  # noqa: E402
+from aace import LOSSES, dual_focal_loss, focal_loss, taylor_cross_entropy  # noqa: E402
 
 
 @pytest.mark.parametrize("gamma", [0.0, 0.5, 2.0])
@@ -203,6 +203,44 @@ def test_focal_loss_closed_form_and_autograd(batch, gamma):
     torch.testing.assert_close(z.grad, z2.grad, rtol=1e-5, atol=1e-7)
     if gamma == 0:
         torch.testing.assert_close(focal_loss(logits, y, 0.0), F.cross_entropy(logits, y))
+
+
+def _dual_focal_by_hand(logits, y, gamma):
+    """Tao et al.'s definition, written per sample: p_j is the largest probability below p_y, or 0."""
+    p = torch.softmax(logits.double(), 1)
+    rows = []
+    for i in range(len(y)):
+        p_y = p[i, y[i]]
+        below = [p[i, k] for k in range(p.shape[1]) if p[i, k] < p_y]
+        p_j = max(below) if below else torch.zeros((), dtype=p.dtype)
+        rows.append(-((1 - p_y + p_j) ** gamma) * torch.log(p_y))
+    return torch.stack(rows)
+
+
+@pytest.mark.parametrize("gamma", [0.0, 0.5, 2.0, 5.0])
+def test_dual_focal_loss_closed_form_and_autograd(batch, gamma):
+    logits, y = batch
+    torch.testing.assert_close(dual_focal_loss(logits, y, gamma, reduction="none").double(),
+                               _dual_focal_by_hand(logits, y, gamma), rtol=1e-5, atol=1e-6)
+    z = logits.double().requires_grad_()
+    dual_focal_loss(z, y, gamma, reduction="sum").backward()
+    z2 = logits.double().requires_grad_()
+    _dual_focal_by_hand(z2, y, gamma).sum().backward()
+    torch.testing.assert_close(z.grad.float(), z2.grad.float(), rtol=1e-4, atol=1e-6)
+    if gamma == 0:
+        torch.testing.assert_close(dual_focal_loss(logits, y, 0.0), F.cross_entropy(logits, y))
+
+
+def test_dual_focal_loss_weighs_by_the_runner_up():
+    y = torch.tensor([0, 0, 0])
+    # p_y the largest (p_j = the second largest), p_y in the middle, p_y the smallest (p_j = 0, focal loss).
+    logits = torch.tensor([[2.0, 1.0, -1.0], [0.0, 1.0, -1.0], [-3.0, 1.0, 0.0]])
+    p = torch.softmax(logits.double(), 1)
+    weights = torch.stack([1 - p[0, 0] + p[0, 1], 1 - p[1, 0] + p[1, 2], 1 - p[2, 0]])
+    torch.testing.assert_close(dual_focal_loss(logits, y, 1.0, reduction="none").double(),
+                               -weights * torch.log(p[:, 0]), rtol=1e-6, atol=1e-7)
+    # With p_y the smallest there is no runner-up below it: the dual focal loss is the focal loss.
+    torch.testing.assert_close(dual_focal_loss(logits[2:], y[2:], 2.0), focal_loss(logits[2:], y[2:], 2.0))
 
 
 @pytest.mark.parametrize("order", [1, 2, 6])
@@ -222,12 +260,13 @@ def test_taylor_cross_entropy_approaches_cross_entropy_and_stays_bounded():
     assert taylor_cross_entropy(wrong, y, 2) <= 1.5 + 1e-6 and F.cross_entropy(wrong, y) > 99
 
 
-@pytest.mark.parametrize("name", sorted(LOSSES))
+@pytest.mark.parametrize("name, options", [(name, {}) for name in sorted(LOSSES)] + [
+    ("focal", {"gamma": 0.5}), ("dual_focal", {"gamma": 0.5})])  # 0 < gamma < 1: an infinite derivative at 0
 @pytest.mark.parametrize("margin", [1e4, -1e4])
-def test_every_registered_loss_is_finite_for_huge_margins(name, margin):
+def test_every_registered_loss_is_finite_for_huge_margins(name, options, margin):
     z = torch.zeros(4, 10)
     z[:, 3] = margin
     z.requires_grad_()
-    loss = LOSSES[name](z, torch.full((4,), 3), reduction="mean", check_labels=True)
+    loss = LOSSES[name](z, torch.full((4,), 3), reduction="mean", check_labels=True, **options)
     loss.backward()
     assert torch.isfinite(loss) and torch.isfinite(z.grad).all()

@@ -90,9 +90,25 @@ def test_method_defaults_and_labels():
     assert aace.rho == 0.2 and aace.normalize is False
     assert aace.replace(method="sam").rho == 0.05
     assert aace.replace(normalize=True, rho=0.05).label() == "SAM+AACE (rho 0.05, normalised)"
-    assert RunConfig(method="sam").run_hash("cpu") != RunConfig(method="sam", seed=1).run_hash("cpu")
-    assert RunConfig(method="sam").run_hash("cpu") == RunConfig(method="sam", threads=1).run_hash("cpu")
-    assert RunConfig(method="sam").run_hash("cpu") != RunConfig(method="sam").run_hash("cuda")
+    assert RunConfig(method="sam").run_hash("cpu", 2) != RunConfig(method="sam", seed=1).run_hash("cpu", 2)
+    assert RunConfig(method="sam").run_hash("cpu", 2) == RunConfig(method="sam", threads=9).run_hash("cpu", 2)
+    assert RunConfig(method="sam").run_hash("cpu", 2) != RunConfig(method="sam").run_hash("cpu", 1)
+    assert RunConfig(method="sam").run_hash("cuda") == RunConfig(method="sam", threads=1).run_hash("cuda")
+    assert RunConfig(method="sam").run_hash("cpu", 2) != RunConfig(method="sam").run_hash("cuda")
+    with pytest.raises(ValueError, match="cpu_threads"):
+        RunConfig().run_hash("cpu")
+
+
+def test_thread_count_changes_the_numbers_so_it_changes_the_run(tmp_path):
+    """1 and 2 CPU threads round differently: each must get its own run, never the other's numbers."""
+    before = torch.get_num_threads()
+    try:
+        one = run(smoke("sam", epochs=1, threads=1), tmp_path, progress=False)
+        two = run(smoke("sam", epochs=1, threads=2), tmp_path, progress=False)
+    finally:
+        torch.set_num_threads(before)
+    assert one.path != two.path
+    assert one.metrics["ce_loss"].tolist() != two.metrics["ce_loss"].tolist()
 
 
 @pytest.mark.parametrize("field,value,allowed", [
@@ -142,8 +158,27 @@ def test_related_losses_and_label_noise_from_the_command_line(tmp_path):
     assert cli_main(args) == 0
     (stored,) = store.list_runs(tmp_path)
     assert stored.config.perturbation_loss == "taylor_ce" and stored.config.label_noise == 0.2
-    assert stored.config.label() == "SAM[taylor_ce] (rho 0.05)"
+    assert stored.config.label() == "SAM[taylor_ce] (rho 0.05, update focal)"
     with pytest.raises(ValueError, match="RunConfig.perturbation_loss"):
         RunConfig(method="aace", perturbation_loss="focal")
     with pytest.raises(ValueError, match="RunConfig.update_loss"):
         RunConfig(update_loss="aace")
+
+
+@pytest.mark.parametrize("perturbation, update", [("cross_entropy", "dual_focal"), ("dual_focal", "taylor_ce"),
+                                                  ("focal", "cross_entropy"), ("taylor_ce", "focal")])
+def test_each_pass_uses_the_named_loss_with_its_options(perturbation, update):
+    from aace.losses import LOSSES
+    from aace.train import loss_functions
+    config = RunConfig(method="sam", perturbation_loss=perturbation, update_loss=update, focal_gamma=0.7,
+                       taylor_order=3, label_smoothing=0.1)
+    logits, labels = torch.randn(8, 10, generator=torch.Generator().manual_seed(0)), torch.arange(8)
+    perturbation_fn, update_fn = loss_functions(config)
+    options = {"focal": {"gamma": 0.7}, "dual_focal": {"gamma": 0.7}, "taylor_ce": {"order": 3}}
+    # label smoothing applies to the update pass only
+    expected_update = LOSSES[update](logits, labels, **options.get(update, {"label_smoothing": 0.1}))
+    expected_perturbation = LOSSES[perturbation](logits, labels, **options.get(perturbation, {}))
+    assert torch.equal(update_fn(logits, labels), expected_update)
+    assert torch.equal(perturbation_fn(logits, labels), expected_perturbation)
+    aace_fn, _ = loss_functions(RunConfig(method="aace", aace_mode="const"))
+    assert torch.equal(aace_fn(logits, labels), LOSSES["aace"](logits, labels, mode="const"))
