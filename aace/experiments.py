@@ -41,6 +41,18 @@ MAIN_ARMS = {
 }
 
 
+# The label-noise chapter: SAM+CE, SAM+AACE, and SAM with a related loss in one of its two passes.
+NOISE_ARMS = {"sam": MAIN_ARMS["sam"], "aace": MAIN_ARMS["aace"], **{
+    f"{loss}_{role}": Arm.of(f"SAM, {title} {role}", method="sam", **{field: loss})
+    for loss, title in (("taylor_ce", "Taylor-CE"), ("focal", "focal"), ("dual_focal", "dual focal"))
+    for role, field in (("ascent", "perturbation_loss"), ("update", "update_loss"))}}
+# Its setting on top of the profile. On 2 CPU cores 3 seeds x 3 noise levels x 4 arms at the full 'cpu'
+# profile would take about 45 minutes, so the chapter trains 256 images for 120 steps (batch 64): enough
+# for SAM to start memorising the noisy labels, in about 12 s a run.
+NOISE_SETTING = {"paper": {}, "cpu": dict(train_subset=256, batch_size=64, epochs=30, test_subset=500),
+                 "smoke": dict(epochs=2)}
+
+
 def check_choice(name: str, value, allowed) -> None:
     """Raise a ValueError naming a notebook parameter and the values it allows."""
     values = value if isinstance(value, (list, tuple)) else [value]
@@ -251,3 +263,29 @@ def verdict(d: dict, better: str = "higher") -> str:
     if (high < 0) if better == "higher" else (low > 0):
         return "reversed"
     return "no clear difference"
+
+
+def label_noise_runs(profile: str, noise_levels, arms, seeds=None, overrides=None, runs_dir=None):
+    """Train (or read) every noise level x arm x seed of the label-noise chapter.
+
+    Returns {noise level: {arm name: [runs]}}. The noisy labels depend on the seed only, so every arm sees
+    the same corrupted training set for a given seed and level.
+    """
+    check_choice("profile", profile, NOISE_SETTING)
+    check_choice("arms", list(arms), NOISE_ARMS)
+    if not (isinstance(noise_levels, (list, tuple)) and noise_levels and all(
+            isinstance(v, (int, float)) and not isinstance(v, bool) and 0 <= v < 1 for v in noise_levels)):
+        raise ValueError(f"parameter 'noise_levels': expected a non-empty list of fractions in [0, 1), "
+                         f"got {noise_levels!r}")
+    seeds = resolve_seeds(profile, seeds)
+    settings = {**NOISE_SETTING[profile], **(overrides or {})}
+    out = {}
+    for level in noise_levels:
+        grid = configs(profile, [NOISE_ARMS[a] for a in arms], seeds, **{**settings, "label_noise": float(level)})
+        out[float(level)] = {arm.name: rs for arm, rs in ensure(grid, runs_dir).items()}
+    return out
+
+
+def drop_from_peak(runs: list[Run], column: str = "test_acc") -> dict:
+    """Spread over runs of (best epoch's value - last epoch's value): what memorising the noise costs."""
+    return spread([float(r.metrics[column].max() - r.metrics[column].iloc[-1]) for r in runs if r.finished])

@@ -61,3 +61,33 @@ def histograms(values_by_name: dict, xlabel: str, bins: int = 30, log: bool = Tr
     ax.legend(frameon=False)
     fig.tight_layout()
     return fig
+
+
+def versus(runs_by_x: dict, column: str, xlabel: str, reduce=lambda m: m.iloc[-1], ylabel: str | None = None,
+           scale: float = 1.0):
+    """A run-level number (default: the last epoch's value) against a setting, one line per arm.
+
+    ``runs_by_x``: {x: {arm name: [runs]}}. Markers at the mean over runs, bars from min to max.
+    """
+    fig, ax = plt.subplots(figsize=(6, 3.6))
+    xs = sorted(runs_by_x)
+    names = list(dict.fromkeys(name for x in xs for name in runs_by_x[x]))
+    width = 0.012 * (max(xs) - min(xs) or 1)  # spread the arms sideways so their bars do not overlap
+    for i, name in enumerate(names):
+        points = [(x, [scale * float(reduce(r.metrics[column])) for r in runs_by_x[x].get(name, []) if r.finished])
+                  for x in xs]
+        points = [(x, v) for x, v in points if v]
+        if not points:
+            continue
+        at = np.array([x for x, _ in points]) + (i - (len(names) - 1) / 2) * width
+        mean = np.array([np.mean(v) for _, v in points])
+        low = mean - np.array([np.min(v) for _, v in points])
+        high = np.array([np.max(v) for _, v in points]) - mean
+        n = max(len(v) for _, v in points)
+        ax.errorbar(at, mean, yerr=[low, high], marker="o", capsize=3, label=name + (f" (n={n})" if n > 1 else ""))
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel or LABELS.get(column, column))
+    ax.grid(alpha=0.3)
+    ax.legend(frameon=False, fontsize=8)
+    fig.tight_layout()
+    return fig

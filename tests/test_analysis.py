@@ -94,3 +94,57 @@ def test_spread_interval_and_verdicts():
     assert ex.verdict(ex.spread([-1.0, 1.0, 0.1])) == "no clear difference"
     assert ex.verdict(ex.spread([-1.0, -1.1, -0.9]), better="lower") == "holds"
     assert ex.verdict(ex.spread([5.0])) == "not testable with one seed"
+
+
+def fake_run(test_acc, seed=0, status="finished"):
+    import pandas as pd
+
+    from aace.config import RunConfig
+    from aace.store import Run
+    metrics = pd.DataFrame({"epoch": range(1, len(test_acc) + 1), "test_acc": test_acc})
+    return Run(path=None, config=RunConfig(seed=seed), info={}, metrics=metrics, steps=None,
+               summary={"status": status})
+
+
+def test_drop_from_peak_leaves_out_diverged_runs():
+    from aace import experiments as ex
+    s = ex.drop_from_peak([fake_run([0.5, 0.8, 0.7]), fake_run([0.6, 0.6]), fake_run([0.9, 0.1], status="diverged")])
+    assert s["n"] == 2 and s["mean"] == pytest.approx(0.05)
+
+
+def test_versus_plots_means_with_min_max_bars():
+    import matplotlib
+    matplotlib.use("Agg")
+    from aace import plots
+    runs = {0.0: {"A": [fake_run([0.1, 0.8]), fake_run([0.1, 0.6])], "B": [fake_run([0.5])]},
+            0.4: {"A": [fake_run([0.2, 0.5]), fake_run([0.2, 0.3])], "B": [fake_run([0.5, 0.2])]}}
+    fig = plots.versus(runs, "test_acc", "noise", scale=100)
+    a, b = fig.axes[0].containers
+    np.testing.assert_allclose(a.lines[0].get_ydata(), [70, 40])
+    np.testing.assert_allclose(b.lines[0].get_ydata(), [50, 20])
+    # the two arms sit on either side of each level; A's bars span its lowest to its highest run
+    assert (a.lines[0].get_xdata() < [0.0, 0.4]).all() and (b.lines[0].get_xdata() > [0.0, 0.4]).all()
+    segments = a.lines[2][0].get_segments()
+    np.testing.assert_allclose([s[:, 1] for s in segments], [[60, 80], [30, 50]])
+    assert [t.get_text() for t in fig.axes[0].get_legend().get_texts()] == ["A (n=2)", "B"]
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    (dict(noise_levels=[0.2, 1.0]), "'noise_levels'"), (dict(noise_levels=[]), "'noise_levels'"),
+    (dict(arms=["sam", "mixup"]), "'arms'"), (dict(profile="laptop"), "'profile'"),
+    (dict(seeds=[-1]), "'seeds'")])
+def test_label_noise_runs_names_the_bad_parameter(kwargs, message):
+    from aace import experiments as ex
+    call = {"profile": "smoke", "noise_levels": [0.2], "arms": ["sam"], **kwargs}
+    with pytest.raises(ValueError, match=message):
+        ex.label_noise_runs(**call)
+
+
+def test_label_noise_runs_trains_each_level_and_arm(tmp_path):
+    from aace import experiments as ex
+    runs = ex.label_noise_runs("smoke", [0.0, 0.4], ["sam", "taylor_ce_update"], seeds=[3],
+                               overrides={"epochs": 1, "train_subset": 64, "test_subset": 64}, runs_dir=tmp_path)
+    assert list(runs) == [0.0, 0.4] and list(runs[0.4]) == ["SAM", "SAM, Taylor-CE update"]
+    taylor = runs[0.4]["SAM, Taylor-CE update"][0].config
+    assert (taylor.label_noise, taylor.update_loss, taylor.seed, taylor.epochs) == (0.4, "taylor_ce", 3, 1)
+    assert runs[0.0]["SAM"][0].config.label_noise == 0.0 and runs[0.0]["SAM"][0].finished
