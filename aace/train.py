@@ -54,6 +54,11 @@ def environment(device: torch.device) -> dict:
     return info
 
 
+# Evaluation batch: on 2 CPU cores WRN-10-1 evaluates 1,000 images in 370 ms as one batch and in 200 ms as
+# four of 250 (the activations of a 1,000-image batch outgrow the caches).
+EVAL_BATCH = 250
+
+
 def prepare_data(config: RunConfig, device: torch.device):
     dspec = spec(config.dataset)
     train, test = load_dataset(config.dataset, config.data_root, config.download)
@@ -72,7 +77,7 @@ def prepare_data(config: RunConfig, device: torch.device):
     channels_last = True  # measured on 2 CPU cores: WRN-10-1 SAM step 0.25 s -> 0.17 s; standard on GPUs
     train_loader = BatchLoader(train, dspec, mean, std, config.batch_size, train=True, augment=config.augment,
                                seed=config.seed, device=device, channels_last=channels_last)
-    test_loader = BatchLoader(test, dspec, mean, std, 1000, train=False, device=device, channels_last=channels_last)
+    test_loader = BatchLoader(test, dspec, mean, std, EVAL_BATCH, train=False, device=device, channels_last=channels_last)
     return dspec, train_loader, test_loader
 
 
