@@ -247,6 +247,11 @@ def quarter(run_: Run, column: str, which: str) -> float:
     return float(m.iloc[:n].mean() if which == "first" else m.iloc[-n:].mean())
 
 
+def quarter_ratio(run_: Run, column: str) -> float:
+    """Last-quarter mean over first-quarter mean of a per-epoch metric (below 1: it diminished)."""
+    return quarter(run_, column, "last") / quarter(run_, column, "first")
+
+
 def paired(a: list[Run], b: list[Run], fn) -> dict:
     """Spread of fn(b) - fn(a) over the seeds finished in both."""
     pairs = {r.config.seed: fn(r) for r in a if r.finished}

@@ -63,9 +63,8 @@ def histograms(values_by_name: dict, xlabel: str, bins: int = 30, log: bool = Tr
     return fig
 
 
-def versus(runs_by_x: dict, column: str, xlabel: str, reduce=lambda m: m.iloc[-1], ylabel: str | None = None,
-           scale: float = 1.0):
-    """A run-level number (default: the last epoch's value) against a setting, one line per arm.
+def versus(runs_by_x: dict, column: str, xlabel: str, ylabel: str | None = None, scale: float = 1.0):
+    """A metric's last-epoch value against a setting, one line per arm.
 
     ``runs_by_x``: {x: {arm name: [runs]}}. Markers at the mean over runs, bars from min to max.
     """
@@ -74,7 +73,7 @@ def versus(runs_by_x: dict, column: str, xlabel: str, reduce=lambda m: m.iloc[-1
     names = list(dict.fromkeys(name for x in xs for name in runs_by_x[x]))
     width = 0.012 * (max(xs) - min(xs) or 1)  # spread the arms sideways so their bars do not overlap
     for i, name in enumerate(names):
-        points = [(x, [scale * float(reduce(r.metrics[column])) for r in runs_by_x[x].get(name, []) if r.finished])
+        points = [(x, [scale * float(r.metrics[column].iloc[-1]) for r in runs_by_x[x].get(name, []) if r.finished])
                   for x in xs]
         points = [(x, v) for x, v in points if v]
         if not points:

@@ -148,3 +148,9 @@ def test_label_noise_runs_trains_each_level_and_arm(tmp_path):
     taylor = runs[0.4]["SAM, Taylor-CE update"][0].config
     assert (taylor.label_noise, taylor.update_loss, taylor.seed, taylor.epochs) == (0.4, "taylor_ce", 3, 1)
     assert runs[0.0]["SAM"][0].config.label_noise == 0.0 and runs[0.0]["SAM"][0].finished
+
+
+def test_quarter_ratio_of_a_growing_metric():
+    from aace import experiments as ex
+    run_ = fake_run([1.0, 1.0, 2.0, 2.0, 3.0, 3.0, 4.0, 4.0])  # quarters of 2 epochs: means 1 and 4
+    assert ex.quarter_ratio(run_, "test_acc") == 4.0
