@@ -1,4 +1,4 @@
-"""Command line: ``python -m aace train | runs | book``."""
+"""Command line: ``python -m aace train | study | runs | book``."""
 from __future__ import annotations
 
 import argparse
@@ -55,6 +55,17 @@ def main(argv: list[str] | None = None) -> int:
     train.add_argument("--no-progress", action="store_true")
     _add_config_options(train)
 
+    study = sub.add_parser("study", help="the tuned comparison: rho grid on a validation split, then fresh seeds")
+    study.add_argument("--profile", default="gpu", choices=("gpu", "smoke"))
+    study.add_argument("--runs-dir", default=None)
+    study.add_argument("--workers", type=int, default=1, help="runs at once (processes sharing the device)")
+    study.add_argument("--stop-after", type=float, default=None, metavar="MINUTES",
+                       help="start no new run after this many minutes (the study resumes when run again)")
+    study.add_argument("--export", default=None, metavar="DIR", help="when complete, export the study to DIR")
+    study.add_argument("--print-commands", action="store_true",
+                       help="print one 'python -m aace train' command per run (for a job array) instead")
+    _add_config_options(study)
+
     runs = sub.add_parser("runs", help="list stored runs with their final numbers")
     runs.add_argument("--runs-dir", default=None)
 
@@ -72,6 +83,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if args.command == "train":
             return _train(args)
+        if args.command == "study":
+            return _study(args, argv)
         if args.command == "runs":
             return _runs(args)
         return _book(args, parser)
@@ -85,6 +98,45 @@ def _train(args) -> int:
     result = run(config, args.runs_dir, progress=not args.no_progress, restart=args.restart)
     print(f"{result.path}: {json.dumps(result.summary, sort_keys=True)}")
     return 0 if result.status == "finished" else 1
+
+
+def _study(args, argv) -> int:
+    from . import study
+    overrides = {name: getattr(args, name) for name in field_names() if hasattr(args, name)}
+    plan = study.plan_for(args.profile)
+    if args.print_commands:
+        configs = study.tuning_configs(plan, **overrides) + study.final_configs(plan, None, **overrides)
+        for config in configs:
+            print(study.train_command(config, args.profile, args.runs_dir))
+        print(f"# then: python -m aace study --profile {args.profile}{' --runs-dir ' + args.runs_dir if args.runs_dir else ''}"
+              f" --print-commands again, once these have finished, prints the final runs at the chosen rhos"
+              if not _tuning_done(study, plan, args, overrides) else "", end="")
+        return 0
+    if args.workers < 1:
+        raise ValueError(f"--workers: expected an integer >= 1, got {args.workers}")
+    stop_after = None if args.stop_after is None else 60 * args.stop_after
+    record = study.run_study(args.profile, args.runs_dir, args.workers, stop_after, **overrides)
+    if args.export and record["complete"]:
+        command = "python -m aace " + " ".join(a for a in (argv if argv is not None else sys.argv[1:]))
+        print(f"exported to {study.export(record, args.export, command)}")
+    return 0 if record["complete"] else 3
+
+
+def _tuning_done(study, plan, args, overrides) -> bool:
+    """Prints the final runs' commands when the store already holds the finished tuning runs."""
+    from .store import load_run, run_dir
+    from .train import resolve_device
+    runs = []
+    for config in study.tuning_configs(plan, **overrides):
+        found = load_run(run_dir(config, resolve_device(config.device), args.runs_dir), missing_ok=True)
+        if found is None or found.status not in ("finished", "diverged"):
+            return False
+        runs.append(found)
+    chosen = {k: v["rho"] for k, v in study.choose_rhos(plan, runs).items()}
+    for config in study.final_configs(plan, chosen, **overrides):
+        if config.method != "sgd":
+            print(study.train_command(config, args.profile, args.runs_dir))
+    return True
 
 
 def _runs(args) -> int:

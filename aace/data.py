@@ -230,6 +230,33 @@ def stratified_subset(labels: torch.Tensor, size: int, seed: int) -> torch.Tenso
     return torch.sort(chosen).values
 
 
+def train_validation_split(labels: torch.Tensor, train_size: int | None, val_size: int, seed: int
+                           ) -> tuple[torch.Tensor, torch.Tensor]:
+    """(training indices, validation indices), disjoint, each stratified by class.
+
+    With a ``train_size`` the training subset is drawn first, exactly as without validation, and the
+    validation images come from the rest of the pool; without one, the validation images are drawn first
+    and every other image trains.
+    """
+    n = len(labels)
+    if not (isinstance(val_size, int) and 1 <= val_size < n):
+        raise ValueError(f"RunConfig.val_subset: expected an integer in [1, {n - 1}] for a training pool of {n} "
+                         f"images, got {val_size!r}")
+    if train_size is not None and train_size + val_size > n:
+        raise ValueError(f"RunConfig.train_subset + RunConfig.val_subset: expected at most the {n} images of the "
+                         f"training pool, got {train_size} + {val_size}")
+    if train_size is None:
+        val = stratified_subset(labels, val_size, seed)
+        rest = torch.ones(n, dtype=torch.bool)
+        rest[val] = False
+        return torch.nonzero(rest).flatten(), val
+    train = stratified_subset(labels, train_size, seed)
+    rest = torch.ones(n, dtype=torch.bool)
+    rest[train] = False
+    pool = torch.nonzero(rest).flatten()
+    return train, pool[stratified_subset(labels[pool], val_size, seed + 1)]
+
+
 def symmetric_label_noise(labels: torch.Tensor, fraction: float, num_classes: int, seed: int) -> torch.Tensor:
     """A copy of ``labels`` in which round(fraction * N) samples, chosen by ``seed``, carry a uniformly
     drawn wrong class."""

@@ -180,7 +180,8 @@ def _read_json(file: Path) -> dict:
                          f"or train it again with --restart") from err
 
 
-def load_run(path: Path, missing_ok: bool = False) -> Run | None:
+def load_run(path: Path, missing_ok: bool = False, with_steps: bool = True) -> Run | None:
+    """A stored run; ``with_steps=False`` for a folder without steps.csv (a study's export)."""
     import pandas as pd
     path = Path(path)
     if not (path / "config.json").exists():
@@ -206,7 +207,7 @@ def load_run(path: Path, missing_ok: bool = False) -> Run | None:
     if summary.get("status") in ("finished", "diverged") and len(metrics) != expected:
         raise CorruptRun(f"{path / 'metrics.csv'} has {len(metrics)} epochs, summary.json says {expected}; "
                          f"training the config again rebuilds it from the checkpoint (or delete {path})")
-    if len(metrics) and (len(steps) == 0 or int(steps["epoch"].max()) != len(metrics)):
+    if with_steps and len(metrics) and (len(steps) == 0 or int(steps["epoch"].max()) != len(metrics)):
         raise CorruptRun(f"{path / 'steps.csv'} does not cover the {len(metrics)} epochs of metrics.csv; "
                          f"training the config again rebuilds it from the checkpoint (or delete {path})")
     try:

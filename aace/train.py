@@ -18,7 +18,8 @@ import torch
 
 from . import distributed, store
 from .config import RunConfig
-from .data import ArrayData, BatchLoader, load_dataset, mean_std, spec, stratified_subset, symmetric_label_noise
+from .data import (ArrayData, BatchLoader, load_dataset, mean_std, spec, stratified_subset, symmetric_label_noise,
+                   train_validation_split)
 from .losses import LOSSES, aace_loss, cross_entropy
 from .models import build_model
 from .sam import SAM, frozen_bn_stats
@@ -63,14 +64,19 @@ def prepare_data(config: RunConfig, device: torch.device):
     dspec = spec(config.dataset)
     train, test = load_dataset(config.dataset, config.data_root, config.download)
     mean, std = mean_std(dspec, train)  # the full training set's statistics, as the authors' code
-    if config.train_subset:
+    val = None
+    if config.val_subset:
+        train_idx, val_idx = train_validation_split(train.labels, config.train_subset, config.val_subset,
+                                                    config.subset_seed)
+        train, val = train.subset(train_idx), train.subset(val_idx)
+    elif config.train_subset:
         train = train.subset(stratified_subset(train.labels, config.train_subset, config.subset_seed))
     if config.test_subset:
         test = test.subset(stratified_subset(test.labels, config.test_subset, config.subset_seed))
     if config.label_noise:
         train = ArrayData(train.images, symmetric_label_noise(train.labels, config.label_noise, dspec.num_classes,
                                                               config.seed))
-    for name, part in (("training", train), ("test", test)):
+    for name, part in (("training", train), ("validation", val or test), ("test", test)):
         if len(part) and not 0 <= int(part.labels.min()) <= int(part.labels.max()) < dspec.num_classes:
             raise ValueError(f"{config.dataset} {name} labels outside [0, {dspec.num_classes - 1}]: "
                              f"the dataset files are damaged; get them again")
@@ -78,7 +84,9 @@ def prepare_data(config: RunConfig, device: torch.device):
     train_loader = BatchLoader(train, dspec, mean, std, config.batch_size, train=True, augment=config.augment,
                                seed=config.seed, device=device, channels_last=channels_last)
     test_loader = BatchLoader(test, dspec, mean, std, EVAL_BATCH, train=False, device=device, channels_last=channels_last)
-    return dspec, train_loader, test_loader
+    val_loader = None if val is None else BatchLoader(val, dspec, mean, std, EVAL_BATCH, train=False, device=device,
+                                                      channels_last=channels_last)
+    return dspec, train_loader, test_loader, val_loader
 
 
 def make_optimizer(config: RunConfig, model: torch.nn.Module):
@@ -284,9 +292,11 @@ def run(config: RunConfig, runs_dir: str | os.PathLike | None = None, *, progres
 def _train(config: RunConfig, device: torch.device, run_dir, progress, world: distributed.World) -> store.Run:
     if config.threads:
         torch.set_num_threads(config.threads)
+    if device.type == "cuda":  # let cuDNN time its kernels for these shapes (CUDA runs agree closely, not bitwise)
+        torch.backends.cudnn.benchmark = True
     main = world.main
     progress = progress if main else False
-    dspec, train_loader, test_loader = prepare_data(config, device)
+    dspec, train_loader, test_loader, val_loader = prepare_data(config, device)
     torch.manual_seed(config.seed)
     model = build_model(config.model, dspec.num_classes, dspec.channels, config.model_variant).to(device)
     model = model.to(memory_format=torch.channels_last)
@@ -305,7 +315,8 @@ def _train(config: RunConfig, device: torch.device, run_dir, progress, world: di
             optimizer._previous_perturbation = checkpoint["perturbation"]
     if main and (checkpoint is None or not store.readable_json(run_dir / "config.json")):
         store.write_config(run_dir, config, {**environment(device), "processes": world.size},
-                           train_size=len(train_loader.labels), test_size=len(test_loader.labels))
+                           train_size=len(train_loader.labels), test_size=len(test_loader.labels),
+                           val_size=0 if val_loader is None else len(val_loader.labels))
     if main:
         store.write_summary(run_dir, {"status": "running", "epochs_done": epochs_done, "epochs": config.epochs})
 
@@ -339,6 +350,8 @@ def _train(config: RunConfig, device: torch.device, run_dir, progress, world: di
             seconds = time.perf_counter() - start
             wall += seconds
             row = _epoch_row(epoch, stats, len(train_loader.labels), test_loss, test_acc, seconds)
+            if val_loader is not None:  # after the epoch's timing: images/second counts training and test only
+                row["val_loss"], row["val_acc"] = evaluate(model, val_loader)
             epoch_rows.append(row)
             step_stats.append(stats)
             if bad is not None:
@@ -369,7 +382,8 @@ def _train(config: RunConfig, device: torch.device, run_dir, progress, world: di
             if main:
                 store.write_summary(run_dir, {
                     "status": "finished", "epochs": config.epochs, "wall_seconds": wall,
-                    **{k: final[k] for k in ("train_acc", "test_acc", "test_loss", "ce_loss", "aace_loss", "train_loss")},
+                    **{k: final[k] for k in ("train_acc", "test_acc", "test_loss", "ce_loss", "aace_loss", "train_loss",
+                                             "val_acc", "val_loss") if k in final},
                     "images_per_second": sum(r["images_per_second"] for r in epoch_rows) / len(epoch_rows)})
     finally:
         if bar is not None:

@@ -132,7 +132,7 @@ def test_profiles_are_valid_and_overridable():
     with pytest.raises(ValueError, match="unknown RunConfig field"):
         profile_config("cpu", epoch=3)
     with pytest.raises(ValueError, match="profile"):
-        profile_config("gpu")
+        profile_config("tpu")
 
 
 def test_cli_usage_errors_name_the_option(capsys):

@@ -1,0 +1,120 @@
+"""The study: validation split, rho choice, the worker pool, resumption, job-array commands, the export and
+its integrity check, all at the smoke profile on the CPU."""
+import json
+import shutil
+
+import pytest
+import torch
+
+from aace import study
+from aace.cli import main as cli_main
+from aace.config import profile_config
+from aace.data import train_validation_split
+from aace.store import load_run
+
+
+def test_validation_split_is_disjoint_stratified_and_leaves_the_training_subset_as_it_was():
+    labels = torch.arange(10).repeat_interleave(100)  # 10 classes x 100
+    train, val = train_validation_split(labels, 200, 100, seed=3)
+    assert len(train) == 200 and len(val) == 100
+    assert not set(train.tolist()) & set(val.tolist())
+    assert torch.bincount(labels[val], minlength=10).tolist() == [10] * 10
+    from aace.data import stratified_subset
+    assert torch.equal(train, stratified_subset(labels, 200, 3))  # switching validation on keeps the subset
+    rest, val_all = train_validation_split(labels, None, 100, seed=3)
+    assert len(rest) == 900 and not set(rest.tolist()) & set(val_all.tolist())
+    with pytest.raises(ValueError, match=r"train_subset \+ RunConfig.val_subset.*1000"):
+        train_validation_split(labels, 950, 100, seed=0)
+    with pytest.raises(ValueError, match="val_subset"):
+        train_validation_split(labels, None, 1000, seed=0)
+
+
+def test_choose_rhos_takes_the_best_mean_validation_accuracy_and_needs_every_tuning_run():
+    plan = study.Plan("smoke", {"sam": (0.05, 0.2)}, tuning_seeds=(1, 2), final_seeds=(0,))
+
+    class Fake:
+        def __init__(self, rho, seed, acc, status="finished"):
+            self.config = profile_config("smoke", method="sam", rho=rho, seed=seed)
+            self.summary, self.finished = {"val_acc": acc, "status": status}, status == "finished"
+    runs = [Fake(0.05, 1, 0.8), Fake(0.05, 2, 0.7), Fake(0.2, 1, 0.9), Fake(0.2, 2, 0.7)]
+    assert study.choose_rhos(plan, runs)["sam"]["rho"] == 0.2
+    runs[2] = Fake(0.2, 1, 0.9, status="diverged")  # a diverged run counts as no accuracy
+    assert study.choose_rhos(plan, runs)["sam"]["rho"] == 0.05
+    with pytest.raises(ValueError, match="incomplete"):
+        study.choose_rhos(plan, runs[:3])
+
+
+@pytest.fixture(scope="module")
+def smoke_study(tmp_path_factory):
+    runs_dir = tmp_path_factory.mktemp("study-runs")
+    export_dir = tmp_path_factory.mktemp("export") / "smoke"
+    argv = ["study", "--profile", "smoke", "--workers", "2", "--threads", "1", "--runs-dir", str(runs_dir),
+            "--export", str(export_dir)]
+    assert cli_main(argv) == 0
+    return runs_dir, export_dir
+
+
+def test_smoke_study_runs_in_two_workers_exports_and_passes_its_integrity_check(smoke_study):
+    runs_dir, export_dir = smoke_study
+    meta, runs = study.load_export(export_dir)
+    plan = study.PLANS["smoke"]
+    n_tuning = sum(len(r) for r in plan.rhos.values()) * len(plan.tuning_seeds)
+    assert len(runs) == n_tuning + (1 + len(study.TUNED_ARMS)) * len(plan.final_seeds)
+    assert study.check_export(export_dir) == []
+    assert meta["aace_version"] and meta["git_commit"] and meta["command"].startswith("python -m aace study")
+    assert meta["invocations"][0]["workers"] == 2
+    assert all(r.metrics["val_acc"].notna().all() for r in runs)
+    assert not any((r.path / "checkpoint.pt").exists() for r in runs)
+    for key, choice in meta["chosen"].items():  # every final run of a tuned arm sits at its chosen rho
+        finals = [r for r in runs if study.arm_key(r.config) == key and r.config.seed in plan.final_seeds]
+        assert {r.config.rho for r in finals} == {choice["rho"]}
+
+
+def test_study_resumes_without_training_again(smoke_study, capsys):
+    runs_dir, _ = smoke_study
+    before = {p: p.stat().st_mtime_ns for p in runs_dir.glob("*/checkpoint.pt")}
+    assert cli_main(["study", "--profile", "smoke", "--workers", "2", "--threads", "1", "--runs-dir", str(runs_dir)]) == 0
+    assert {p: p.stat().st_mtime_ns for p in runs_dir.glob("*/checkpoint.pt")} == before
+    assert "complete" in capsys.readouterr().out
+
+
+def test_integrity_check_finds_a_missing_run_and_a_changed_config(smoke_study, tmp_path):
+    _, export_dir = smoke_study
+    broken = tmp_path / "broken"
+    shutil.copytree(export_dir, broken)
+    meta = json.loads((broken / "study.json").read_text())
+    victim = meta["runs"].pop(0)
+    (broken / "study.json").write_text(json.dumps(meta))
+    assert any("missing from the export" in p for p in study.check_export(broken))
+    shutil.rmtree(broken)
+    shutil.copytree(export_dir, broken)
+    config_file = broken / "runs" / victim / "config.json"
+    info = json.loads(config_file.read_text())
+    info["config"]["lr"] = 0.5
+    config_file.write_text(json.dumps(info))
+    assert any("hashes to" in p for p in study.check_export(broken))
+
+
+def test_print_commands_gives_one_train_command_per_run_that_trains_that_config(smoke_study, capsys, tmp_path):
+    runs_dir, _ = smoke_study
+    # the study ran with --threads 1: so looked up, the store's tuning runs are found and the final runs'
+    # commands follow
+    assert cli_main(["study", "--profile", "smoke", "--runs-dir", str(runs_dir), "--print-commands",
+                     "--threads", "1"]) == 0
+    lines = [line for line in capsys.readouterr().out.splitlines() if line.startswith("python -m aace train")]
+    plan = study.PLANS["smoke"]
+    assert len(lines) == len(study.tuning_configs(plan)) + (1 + len(study.TUNED_ARMS)) * len(plan.final_seeds)
+    # the first command, run as printed (into another store), trains exactly the first tuning config
+    argv = lines[0].split()[3:]
+    argv[argv.index("--runs-dir") + 1] = str(tmp_path)
+    assert cli_main(argv) == 0
+    trained = load_run(next(tmp_path.glob("*-*")))
+    assert trained.config == study.tuning_configs(plan, threads=1)[0]
+
+
+def test_study_usage_errors_name_the_option():
+    with pytest.raises(SystemExit):
+        cli_main(["study", "--profile", "cpu"])
+    with pytest.raises(SystemExit) as err:
+        cli_main(["study", "--profile", "smoke", "--workers", "0"])
+    assert err.value.code == 2
