@@ -2,7 +2,7 @@
 PY := .venv/bin/python
 PROFILE ?= cpu
 
-.PHONY: book test setup bench clean-book
+.PHONY: book test setup bench clean-book nbval-fixture
 
 book:
 	scripts/setup.sh
@@ -19,7 +19,17 @@ bench:
 clean-book:
 	rm -rf _build
 
-# Re-execute the notebooks at the smoke profile into tests/nbval (the outputs nbval checks against).
-nbval-refresh:
-	rm -rf /tmp/aace-nbval-runs
-	$(PY) -m aace book --profile smoke --no-build --runs-dir /tmp/aace-nbval-runs --output-dir tests/nbval
+# The nbval fixture: train the smoke runs every page needs into tests/fixtures/runs and record the pages'
+# outputs from them into tests/nbval, with the smoke study's export that the GPU-scale sections read. Rerun it (and commit both) after a change to a page, to what a page
+# trains, or to anything that changes a run's numbers (a new aace.__version__).
+nbval-fixture:
+	scripts/setup.sh
+	rm -rf tests/fixtures/runs tests/fixtures/study-smoke /tmp/aace-checkpoints-read /tmp/aace-study-smoke
+	$(PY) -m aace study --profile smoke --workers 2 --threads 1 --runs-dir /tmp/aace-study-smoke \
+	  --export tests/fixtures/study-smoke
+	env -u AACE_FROZEN_RUNS AACE_CHECKPOINT_LOG=/tmp/aace-checkpoints-read $(PY) -m aace book --profile smoke \
+	  --no-build --runs-dir tests/fixtures/runs --output-dir tests/nbval
+	find tests/fixtures/runs -name lock -delete
+	for d in tests/fixtures/runs/*/; do grep -qx "$$(basename $$d)" /tmp/aace-checkpoints-read || rm -f $$d/checkpoint.pt; done
+	rm -f /tmp/aace-checkpoints-read
+	du -sh tests/fixtures/runs

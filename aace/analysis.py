@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import functools
+import os
 import math
 
 import pandas as pd
@@ -54,6 +55,9 @@ def model_of(run, device: str = "cpu") -> torch.nn.Module:
     dspec = spec(run.config.dataset)
     model = build_model(run.config.model, dspec.num_classes, dspec.channels, run.config.model_variant)
     model.load_state_dict(load_checkpoint(run.path, torch.device(device))["model"])
+    if os.environ.get("AACE_CHECKPOINT_LOG"):  # `make nbval-fixture` keeps only the checkpoints pages read
+        with open(os.environ["AACE_CHECKPOINT_LOG"], "a") as log:
+            log.write(f"{run.path.name}\n")
     return model.to(device).eval()
 
 

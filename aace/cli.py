@@ -108,9 +108,10 @@ def _study(args, argv) -> int:
         configs = study.tuning_configs(plan, **overrides) + study.final_configs(plan, None, **overrides)
         for config in configs:
             print(study.train_command(config, args.profile, args.runs_dir))
-        print(f"# then: python -m aace study --profile {args.profile}{' --runs-dir ' + args.runs_dir if args.runs_dir else ''}"
-              f" --print-commands again, once these have finished, prints the final runs at the chosen rhos"
-              if not _tuning_done(study, plan, args, overrides) else "", end="")
+        if not _tuning_done(study, plan, args, overrides):
+            print(f"# then: python -m aace study --profile {args.profile}"
+                  f"{' --runs-dir ' + args.runs_dir if args.runs_dir else ''} --print-commands again, once these "
+                  f"have finished, prints the final runs at the chosen rhos")
         return 0
     if args.workers < 1:
         raise ValueError(f"--workers: expected an integer >= 1, got {args.workers}")

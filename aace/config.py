@@ -206,8 +206,10 @@ PROFILES: dict[str, dict] = {
     # were chosen from throughput measured on an H200 so that the whole study fits 20 minutes.
     "gpu": dict(dataset="fashion_mnist", model="wrn-16-4", epochs=10, batch_size=256, lr=0.1, lr_schedule="step",
                 augment="paper", val_subset=6000, precision="bf16", seed=0),
+    # One thread, so that a smoke run's hash is the same on any machine: the nbval pages find their runs in the
+    # committed fixture store (tests/fixtures/runs) whatever the core count.
     "smoke": dict(dataset="fashion_mnist", model="wrn-10-1", epochs=3, batch_size=64, lr=0.1,
-                  lr_schedule="cosine", augment="paper", train_subset=256, test_subset=256, seed=0),
+                  lr_schedule="cosine", augment="paper", train_subset=256, test_subset=256, seed=0, threads=1),
 }
 
 

@@ -37,6 +37,10 @@ def run_dir(config: RunConfig, device: torch.device, runs_dir=None) -> Path:
     return Path(runs_dir or default_runs_dir()) / f"{config.method}-{config.run_hash(device.type, threads)}"
 
 
+class MissingRun(LookupError):
+    """A run that a frozen store (``AACE_FROZEN_RUNS``, the nbval fixture) does not hold: nothing trains there."""
+
+
 class CorruptRun(RuntimeError):
     """A stored file is damaged: the message names it and the fix."""
 

@@ -349,3 +349,82 @@ def _hash_at_version(config: RunConfig, device: str, version: str, threads) -> s
         return config.run_hash(device, threads if device == "cpu" else None)
     finally:
         aace.__version__ = current
+
+
+# ----------------------------------------------------------------------------- what the book shows
+
+# Where the book looks for the GPU study's export, per profile (the smoke pages read a fixture export).
+EXPORTS = {"smoke": "tests/fixtures/study-smoke"}
+DEFAULT_EXPORT = "results/gpu-fashion-mnist"
+# Differences whose whole 95 % interval lies within this many accuracy points count as equivalent.
+EQUIVALENCE_MARGIN = 0.015
+COMPARISONS = (("aace", "sam"), ("aace_normalised", "sam"), ("sam", "sgd"))
+
+
+def export_for(profile: str) -> Path:
+    from .book import ROOT
+    return ROOT / EXPORTS.get(profile, DEFAULT_EXPORT)
+
+
+def final_runs(study: dict, runs) -> dict:
+    """{arm key: the final runs}, the tuning runs left out."""
+    seeds = set(study["plan"]["final_seeds"])
+    chosen = {k: v["rho"] for k, v in study["chosen"].items()}
+    out = {}
+    for r in runs:
+        key = arm_key(r.config)
+        if r.config.seed in seeds and (key == "sgd" or r.config.rho == chosen[key]):
+            out.setdefault(key, []).append(r)
+    return out
+
+
+def verdicts(study: dict, runs, margin: float = EQUIVALENCE_MARGIN):
+    """(arms table, comparisons table) of a study's final runs: final test accuracy per arm; per comparison
+    the paired effect, its 95 % interval, the minimum detectable effect, the Holm-adjusted p and a verdict."""
+    import pandas as pd
+
+    from . import experiments as ex
+    finals = final_runs(study, runs)
+    arms = pd.DataFrame([{"arm": ALL_ARMS[k].name, "rho": "-" if k == "sgd" else f"{study['chosen'][k]['rho']:g}",
+                          "test accuracy %": ex.format_runs(rs, "test_acc"),
+                          "training accuracy %": ex.format_runs(rs, "train_acc")}
+                         for k, rs in finals.items()]).set_index("arm")
+    diffs = [ex.paired_difference(finals[b], finals[a], "test_acc") for a, b in COMPARISONS]
+    adjusted = ex.holm([ex.p_value(d) for d in diffs])
+    rows = [{"comparison": f"{ALL_ARMS[a].name} − {ALL_ARMS[b].name}", "effect (points)": f"{100 * d['mean']:+.2f}",
+             "95 % CI": f"± {100 * d['ci95']:.2f}", "n (paired seeds)": d["n"],
+             "minimum detectable effect (80 % power)": f"{100 * ex.minimum_detectable_effect(d):.2f}",
+             "Holm-adjusted p": f"{p:.2g}", "verdict": ex.comparison_verdict(d, p, margin)}
+            for (a, b), d, p in zip(COMPARISONS, diffs, adjusted)]
+    return arms, pd.DataFrame(rows).set_index("comparison")
+
+
+def provenance(study: dict) -> str:
+    """One paragraph: where, when, with what and by which command the export was made."""
+    gpu = study.get("invocations", [{}])[-1].get("gpu") or {}
+    use = f", mean GPU utilisation {gpu['mean_utilisation_percent']:.0f} %" if gpu else ""
+    return (f"Ran on {', '.join(study['devices'])} with aace {study['aace_version']} at commit "
+            f"`{study['git_commit'][:12]}`, exported {study['exported'][:10]}; {len(study['runs'])} runs in "
+            f"{study['wall_seconds'] / 60:.1f} minutes of wall time over {len(study['invocations'])} invocation(s)"
+            f"{use}. Reproduce with `{study['command']}`.")
+
+
+def gpu_scale_section(profile: str) -> tuple[str, list]:
+    """(a paragraph of Markdown, the tables) for a page's "GPU scale" section, or a paragraph saying that no
+    export exists yet and the command that makes one."""
+    from .experiments import describe
+    directory = export_for(profile)
+    study, runs = load_export(directory)
+    if study is None:
+        return (f"**No GPU-scale results yet:** `{DEFAULT_EXPORT}` holds no export. One command on a GPU makes "
+                f"it (about 20 minutes on one H100 or H200): `python -m aace study --profile gpu --workers 6 "
+                f"--export {DEFAULT_EXPORT}`; the GPU page says more.", [])
+    first = runs[0]
+    chosen = ", ".join(f"{ALL_ARMS[k].name} {v['rho']:g}" for k, v in study["chosen"].items())
+    text = (f"**Setting:** {first.config.dataset}, {describe(first.config)}, {first.info.get('val_size', 0)} "
+            f"validation images; rho tuned per method on the validation split over {study['plan']['rhos']} with "
+            f"seeds {study['plan']['tuning_seeds']}, chosen: {chosen}; then seeds {study['plan']['final_seeds']} "
+            f"at the chosen rhos, test accuracy on {first.info.get('test_size')} test images. Three comparisons, "
+            f"Holm-corrected; 'equivalent' means the 95 % interval lies within ±{100 * EQUIVALENCE_MARGIN:.1f} "
+            f"points. " + provenance(study))
+    return text, list(verdicts(study, runs))

@@ -13,6 +13,7 @@ import os
 import platform
 import sys
 import time
+from pathlib import Path
 
 import torch
 
@@ -286,7 +287,15 @@ def run(config: RunConfig, runs_dir: str | os.PathLike | None = None, *, progres
             existing = None
         if existing is not None and existing.summary.get("status") in ("finished", "diverged"):
             return existing
-        return _train(config, device, run_dir, progress, world)
+        frozen = os.environ.get("AACE_FROZEN_RUNS")
+        if frozen and Path(frozen).resolve() == run_dir.parent.resolve():
+            raise store.MissingRun(f"{config.label()} seed {config.seed} ({run_dir.name}) is not in the frozen run "
+                                   f"store {frozen}: regenerate the nbval fixture with 'make nbval-fixture'")
+        threads = torch.get_num_threads()
+        try:
+            return _train(config, device, run_dir, progress, world)
+        finally:
+            torch.set_num_threads(threads)  # a run's own thread count stays with the run
 
 
 def _train(config: RunConfig, device: torch.device, run_dir, progress, world: distributed.World) -> store.Run:

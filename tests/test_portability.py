@@ -1,0 +1,85 @@
+"""What keeps the suite independent of the machine: the smoke profile's hashes, the frozen fixture store
+that nbval reads, the thread count a run leaves behind."""
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+import aace
+from aace import study
+from aace.config import RunConfig, profile_config
+from aace.store import MissingRun, load_run, run_dir
+from aace.train import run
+
+FIXTURES = Path(__file__).resolve().parent / "fixtures"
+
+
+def test_smoke_runs_have_one_folder_whatever_the_thread_count():
+    config = profile_config("smoke", method="aace")
+    before = torch.get_num_threads()
+    try:
+        folders = set()
+        for threads in (1, 2, 3):
+            torch.set_num_threads(threads)
+            folders.add(run_dir(config, torch.device("cpu"), "store"))
+        assert len(folders) == 1
+        # the cpu profile keeps the machine's thread count in its hash: 1 and 2 threads differ in the last bits
+        cpu = profile_config("cpu")
+        assert cpu.run_hash("cpu", 1) != cpu.run_hash("cpu", 2)
+    finally:
+        torch.set_num_threads(before)
+
+
+def test_a_run_leaves_the_thread_count_as_it_found_it(tmp_path):
+    before = torch.get_num_threads()
+    run(profile_config("smoke", epochs=1, train_subset=64, test_subset=32, threads=1), tmp_path, progress=False)
+    assert torch.get_num_threads() == before
+
+
+def test_a_frozen_store_refuses_to_train(tmp_path, monkeypatch):
+    monkeypatch.setenv("AACE_FROZEN_RUNS", str(tmp_path))
+    with pytest.raises(MissingRun, match="make nbval-fixture"):
+        run(profile_config("smoke", epochs=1, train_subset=64, test_subset=32), tmp_path, progress=False)
+    assert not list(tmp_path.glob("*/metrics.csv"))
+
+
+@pytest.mark.skipif(not (FIXTURES / "runs").is_dir(), reason="no fixture store")
+def test_fixture_store_is_current():
+    """Every fixture run still hashes to its folder with this aace version: a change that alters the numbers
+    (and bumps aace.__version__) makes this fail until `make nbval-fixture` has been rerun."""
+    folders = sorted((FIXTURES / "runs").iterdir())
+    assert folders
+    for folder in folders:
+        r = load_run(folder)
+        assert r.finished, folder.name
+        assert r.config.threads == 1 and r.info["environment"]["threads"] == 1
+        assert folder.name == f"{r.config.method}-{r.config.run_hash('cpu', 1)}", \
+            f"{folder.name} is stale (aace {aace.__version__}): rerun make nbval-fixture"
+    readable = [f for f in folders if (f / "checkpoint.pt").exists()]
+    assert 0 < len(readable) <= 6  # only the checkpoints the sharpness analysis reads are kept
+
+
+@pytest.mark.skipif(not (FIXTURES / "study-smoke").is_dir(), reason="no fixture export")
+def test_fixture_export_passes_its_integrity_check_and_the_book_section_reads_it():
+    assert study.check_export(FIXTURES / "study-smoke") == []
+    text, tables = study.gpu_scale_section("smoke")
+    assert text.startswith("**Setting:**") and "Reproduce with `python -m aace study --profile smoke" in text
+    arms, comparisons = tables
+    assert list(comparisons.index) == ["SAM+AACE − SAM", "SAM+AACE, normalised step − SAM", "SAM − SGD"]
+    assert "minimum detectable effect (80 % power)" in comparisons.columns
+    meta = json.loads((FIXTURES / "study-smoke" / "study.json").read_text())
+    assert len(arms) == 1 + len(meta["chosen"])
+
+
+def test_book_section_says_plainly_when_no_export_exists(monkeypatch, tmp_path):
+    monkeypatch.setitem(study.EXPORTS, "cpu", str(tmp_path / "nothing-here"))
+    text, tables = study.gpu_scale_section("cpu")
+    assert text.startswith("**No GPU-scale results yet:**") and "python -m aace study --profile gpu" in text
+    assert tables == []
+
+
+def test_config_without_val_subset_keeps_its_hash():
+    """Adding val_subset (default None) must not orphan the runs stored before it existed."""
+    assert RunConfig(method="sam").run_hash("cuda") == RunConfig(method="sam", val_subset=None).run_hash("cuda")
+    assert RunConfig(method="sam").run_hash("cuda") != RunConfig(method="sam", val_subset=100).run_hash("cuda")
