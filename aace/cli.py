@@ -3,10 +3,18 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import errno
 import json
+import os
 import sys
 
+from . import store
 from .config import PROFILES, RunConfig, field_names, profile_config
+
+
+EXIT_HELP = """exit codes: 0 done; 1 the run diverged; 2 bad option or setting; 3 dataset missing or damaged;
+4 run store damaged or not found; 5 cannot write (disk full, permissions); 6 study stopped at --stop-after;
+130 interrupted (SIGINT); 143 terminated (SIGTERM). Interrupted runs resume with the same command."""
 
 
 def _parse_value(text: str, annotation: str):
@@ -45,7 +53,9 @@ def _config_from_args(args: argparse.Namespace) -> RunConfig:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m aace", description=__doc__)
+    parser = argparse.ArgumentParser(prog="python -m aace", description=__doc__, epilog=EXIT_HELP,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--debug", action="store_true", help="show the traceback of every error (or AACE_DEBUG=1)")
     sub = parser.add_subparsers(dest="command", required=True)
 
     train = sub.add_parser("train", help="train one run (or show its stored result)")
@@ -80,16 +90,51 @@ def main(argv: list[str] | None = None) -> int:
     book.add_argument("--output-dir", default="book", help="where the executed notebooks go")
 
     args = parser.parse_args(argv)
+    debug = args.debug or os.environ.get("AACE_DEBUG", "") not in ("", "0")
     try:
-        if args.command == "train":
-            return _train(args)
-        if args.command == "study":
-            return _study(args, argv)
-        if args.command == "runs":
-            return _runs(args)
-        return _book(args, parser)
-    except ValueError as err:
-        parser.exit(2, f"error: {err}\n")
+        with store.sigterm_raises():
+            if args.command == "train":
+                return _train(args)
+            if args.command == "study":
+                return _study(args, argv)
+            if args.command == "runs":
+                return _runs(args)
+            return _book(args, parser)
+    except (Exception, KeyboardInterrupt, store.Terminated) as err:
+        code = exit_code(err)
+        if code is None or debug:
+            raise  # unexpected: the traceback is the report
+        message = " ".join(str(err).split()) if not isinstance(err, OSError) or not err.strerror else \
+            " ".join(err.strerror.split())
+        if isinstance(err, (KeyboardInterrupt, store.Terminated)):
+            message = f"interrupted by {'SIGINT' if isinstance(err, KeyboardInterrupt) else 'SIGTERM'}"
+        print(f"error: {message}", file=sys.stderr)
+        return code
+
+
+# Exit codes of expected failures (documented in the README); anything else shows its traceback.
+EXIT_CODES = {"diverged": 1, "usage": 2, "data": 3, "store": 4, "write": 5, "incomplete": 6,
+              "SIGINT": 130, "SIGTERM": 143}
+
+
+def exit_code(err: BaseException) -> int | None:
+    from .data import DatasetCorrupt, DatasetNotFound
+    if isinstance(err, store.RunInterrupted):
+        return err.exit_code
+    if isinstance(err, KeyboardInterrupt):
+        return EXIT_CODES["SIGINT"]
+    if isinstance(err, store.Terminated):
+        return EXIT_CODES["SIGTERM"]
+    if isinstance(err, (DatasetNotFound, DatasetCorrupt)):
+        return EXIT_CODES["data"]
+    if isinstance(err, (store.CorruptRun, store.MissingRun, store.StoreNotFound)):
+        return EXIT_CODES["store"]
+    if isinstance(err, store.StoreWriteError) or (isinstance(err, OSError) and err.errno in (
+            errno.ENOSPC, errno.EACCES, errno.EPERM, errno.EROFS, errno.ENOTDIR, errno.EEXIST)):
+        return EXIT_CODES["write"]
+    if isinstance(err, ValueError):
+        return EXIT_CODES["usage"]
+    return None
 
 
 def _train(args) -> int:
@@ -120,7 +165,7 @@ def _study(args, argv) -> int:
     if args.export and record["complete"]:
         command = "python -m aace " + " ".join(a for a in (argv if argv is not None else sys.argv[1:]))
         print(f"exported to {study.export(record, args.export, command)}")
-    return 0 if record["complete"] else 3
+    return 0 if record["complete"] else EXIT_CODES["incomplete"]
 
 
 def _tuning_done(study, plan, args, overrides) -> bool:
@@ -141,19 +186,23 @@ def _tuning_done(study, plan, args, overrides) -> bool:
 
 
 def _runs(args) -> int:
-    from .store import list_runs
-    rows = list_runs(args.runs_dir)
-    if not rows:
+    problems = []
+    rows = store.list_runs(args.runs_dir, problems)
+    if not rows and not problems:
         print("no runs stored")
         return 0
-    print(f"{'run':<18} {'status':<9} {'method':<36} {'dataset':<14} {'model':<12} {'seed':>4} {'epochs':>6} "
+
+    def number(value, scale, digits):
+        return f"{scale * value:.{digits}f}" if isinstance(value, (int, float)) and not isinstance(value, bool) else "-"
+    print(f"{'run':<18} {'status':<11} {'method':<36} {'dataset':<14} {'model':<12} {'seed':>4} {'epochs':>6} "
           f"{'train acc':>9} {'test acc':>8} {'minutes':>7}")
     for r in rows:
         s = r.summary
-        acc = (lambda k: f"{100 * s[k]:.2f}" if isinstance(s.get(k), float) else "-")
-        print(f"{r.path.name:<18} {r.status:<9} {r.config.label():<36} {r.config.dataset:<14} {r.config.model:<12} "
-              f"{r.config.seed:>4} {r.config.epochs:>6} {acc('train_acc'):>9} {acc('test_acc'):>8} "
-              f"{s.get('wall_seconds', 0) / 60:>7.1f}")
+        print(f"{r.path.name:<18} {store.shown_status(r):<11} {r.config.label():<36} {r.config.dataset:<14} "
+              f"{r.config.model:<12} {r.config.seed:>4} {r.config.epochs:>6} {number(s.get('train_acc'), 100, 2):>9} "
+              f"{number(s.get('test_acc'), 100, 2):>8} {number(s.get('wall_seconds'), 1 / 60, 1):>7}")
+    for folder, reason in problems:
+        print(f"{folder.name:<18} {'unreadable':<11} {reason}")
     return 0
 
 

@@ -111,6 +111,12 @@ class RunConfig:
             v = getattr(self, name)
             if v is not None and not (is_int(v) and v >= 1):
                 fail(name, "None or an integer >= 1")
+        classes = DATASETS[self.dataset].num_classes
+        for name in ("train_subset", "test_subset", "val_subset"):
+            v = getattr(self, name)
+            if v is not None and v < classes:
+                fail(name, f"None or at least the {classes} classes of {self.dataset} (a stratified subset "
+                           f"needs one image of each)")
         for name in ("seed", "subset_seed"):
             if not (is_int(getattr(self, name)) and getattr(self, name) >= 0):
                 fail(name, "an integer >= 0")

@@ -73,8 +73,10 @@ def spec(name: str) -> DatasetSpec:
 
 _IDX_FILES = {"train": ("train-images-idx3-ubyte", "train-labels-idx1-ubyte"),
               "test": ("t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte")}
-_FMNIST_FIX = ("install the Debian package (sudo apt-get install dataset-fashion-mnist), or pass data_root= a "
-               "folder holding the four IDX files (.gz or not), or download=True on a machine with a network")
+_FMNIST_FIX = ("install the Debian package (sudo apt-get install dataset-fashion-mnist), or give --data-root DIR "
+               "(data_root= in Python) a folder holding the four IDX files (.gz or not), or add --download true "
+               "on a machine with a network")
+_IDX_NAMES = ", ".join(f"{stem}[.gz]" for stems in _IDX_FILES.values() for stem in stems)
 
 
 def read_idx(path: Path) -> torch.Tensor:
@@ -110,7 +112,15 @@ def _find_idx(folder: Path, stem: str) -> Path | None:
 
 
 def _load_fashion_mnist(data_root: Path | None, download: bool) -> tuple[ArrayData, ArrayData]:
-    folders = ([data_root, data_root / "FashionMNIST" / "raw"] if data_root else []) + [DEBIAN_FASHION_MNIST]
+    # A given root means that folder: the system copy is used only when no root is given.
+    folders = [data_root, data_root / "FashionMNIST" / "raw"] if data_root else [DEBIAN_FASHION_MNIST]
+    if data_root and not download and not any(_find_idx(f, stem) for f in folders
+                                                   for stems in _IDX_FILES.values() for stem in stems):
+        state = "does not exist" if not data_root.exists() else (
+            "is not a folder" if not data_root.is_dir() else "holds no Fashion-MNIST IDX file")
+        raise DatasetNotFound(f"Fashion-MNIST not found: --data-root {data_root} {state}. It should hold "
+                              f"{_IDX_NAMES} (or FashionMNIST/raw/ with them); or leave out --data-root to use "
+                              f"the system copy in {DEBIAN_FASHION_MNIST}; or add --download true")
     for folder in folders:
         paths = {split: [_find_idx(folder, stem) for stem in stems] for split, stems in _IDX_FILES.items()}
         if all(p is not None for ps in paths.values() for p in ps):

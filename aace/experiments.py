@@ -31,17 +31,6 @@ def t_cdf(t: float, dof: int) -> float:
     return 0.5 + total * h / 3
 
 
-def t_quantile(q: float, dof: int) -> float:
-    """The q quantile of Student's t, by bisection on ``t_cdf``."""
-    if not 0 < q < 1 or dof < 1:
-        return float("nan")
-    low, high = -1e3, 1e3
-    for _ in range(80):
-        mid = (low + high) / 2
-        low, high = (mid, high) if t_cdf(mid, dof) < q else (low, mid)
-    return (low + high) / 2
-
-
 @functools.lru_cache(maxsize=None)
 def t_quantile(q: float, dof: int) -> float:
     """The q quantile of Student's t, by bisection on ``t_cdf``."""

@@ -11,6 +11,7 @@ checkpoint starts with the SHA-256 of the rest of it, so that damage is detected
 """
 from __future__ import annotations
 
+import contextlib
 import csv
 import errno
 import fcntl
@@ -19,7 +20,10 @@ import io
 import json
 import math
 import os
+import shutil
+import signal
 import sys
+import threading
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -37,6 +41,37 @@ def run_dir(config: RunConfig, device: torch.device, runs_dir=None) -> Path:
     return Path(runs_dir or default_runs_dir()) / f"{config.method}-{config.run_hash(device.type, threads)}"
 
 
+class Terminated(BaseException):
+    """SIGTERM, raised where the run is (like KeyboardInterrupt for SIGINT)."""
+
+
+@contextlib.contextmanager
+def sigterm_raises():
+    """SIGTERM raises ``Terminated`` where the program is, as Ctrl-C raises KeyboardInterrupt (main thread only,
+    where Python runs signal handlers)."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def handler(signum, frame):
+        raise Terminated()
+    previous = signal.signal(signal.SIGTERM, handler)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+class RunInterrupted(Exception):
+    """A run stopped by SIGINT or SIGTERM; its last epoch-end checkpoint is intact and it resumes."""
+
+    def __init__(self, path: Path, signal_name: str, epochs_done: int, epochs: int):
+        self.path, self.signal_name, self.epochs_done, self.epochs = path, signal_name, epochs_done, epochs
+        self.exit_code = 130 if signal_name == "SIGINT" else 143
+        super().__init__(f"run interrupted by {signal_name} after {epochs_done} of {epochs} epochs ({path}): the "
+                         f"last checkpoint is kept; run the same command again to resume")
+
+
 class MissingRun(LookupError):
     """A run that a frozen store (``AACE_FROZEN_RUNS``, the nbval fixture) does not hold: nothing trains there."""
 
@@ -45,13 +80,35 @@ class CorruptRun(RuntimeError):
     """A stored file is damaged: the message names it and the fix."""
 
 
+class StoreWriteError(OSError):
+    """A file of the run store could not be written (disk full, permissions): names the file and the fix."""
+
+
 def _atomic_write_bytes(path: Path, data: bytes) -> None:
+    """Write to a temporary name and rename: the old file stays whole until the new one is; on any failure
+    the temporary file is removed and the previous version is left as it was."""
     tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    try:
+        with open(tmp, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException as err:
+        try:
+            tmp.unlink(missing_ok=True)
+        except OSError:
+            pass
+        if isinstance(err, OSError) and err.errno == errno.ENOSPC:
+            free = shutil.disk_usage(path.parent).free if path.parent.exists() else 0
+            raise StoreWriteError(errno.ENOSPC, f"disk full writing {path} ({len(data):,} bytes needed, {free:,} "
+                                  f"free); the previous version is kept. Free some space or use another "
+                                  f"--runs-dir, then run the same command again to resume") from None
+        if isinstance(err, (PermissionError, IsADirectoryError, NotADirectoryError)) or (
+                isinstance(err, OSError) and err.errno == errno.EROFS):
+            raise StoreWriteError(err.errno, f"cannot write {path} ({err.strerror}): the run store must be "
+                                  f"writable to train; choose another --runs-dir") from None
+        raise
 
 
 def _atomic_write_text(path: Path, text: str) -> None:
@@ -133,8 +190,13 @@ class RunLock:
         self.path = path
 
     def __enter__(self):
-        self.path.mkdir(parents=True, exist_ok=True)
-        self.file = open(self.path / "lock", "w")
+        try:
+            self.path.mkdir(parents=True, exist_ok=True)
+            self.file = open(self.path / "lock", "w")
+        except OSError as err:
+            raise StoreWriteError(err.errno, f"cannot write the run store at {self.path} ({err.strerror}): "
+                                  f"training needs a writable --runs-dir (finished runs can be read from a "
+                                  f"read-only one)") from None
         try:
             fcntl.flock(self.file, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except OSError as err:
@@ -168,20 +230,24 @@ class Run:
         return self.status == "finished"
 
 
-def readable_json(file: Path) -> bool:
+def holds_config(path: Path, config: RunConfig) -> bool:
+    """Whether the run's config.json is readable and holds this config."""
     try:
-        json.loads(file.read_text())
-        return True
-    except (OSError, ValueError):
+        return json.loads((path / "config.json").read_text())["config"] == config.to_dict()
+    except (OSError, ValueError, KeyError, TypeError):
         return False
 
 
 def _read_json(file: Path) -> dict:
     try:
-        return json.loads(file.read_text())
+        value = json.loads(file.read_text())
     except (OSError, ValueError) as err:
         raise CorruptRun(f"{file} is unreadable ({err}). To redo the run: delete {file.parent} "
                          f"or train it again with --restart") from err
+    if not isinstance(value, dict):
+        raise CorruptRun(f"{file} holds a JSON {type(value).__name__}, not an object. To redo the run: delete "
+                         f"{file.parent} or train it again with --restart")
+    return value
 
 
 def load_run(path: Path, missing_ok: bool = False, with_steps: bool = True) -> Run | None:
@@ -216,23 +282,58 @@ def load_run(path: Path, missing_ok: bool = False, with_steps: bool = True) -> R
                          f"training the config again rebuilds it from the checkpoint (or delete {path})")
     try:
         config = RunConfig(**info["config"])
-    except (TypeError, ValueError) as err:
+    except (KeyError, TypeError, ValueError) as err:
         raise CorruptRun(f"{path / 'config.json'} holds no valid RunConfig ({err}); delete {path} to redo the run") \
             from err
     return Run(path, config, info, metrics, steps, summary)
 
 
-def list_runs(runs_dir=None) -> list[Run]:
+class StoreNotFound(FileNotFoundError):
+    """The runs dir does not exist or is not a folder."""
+
+
+def list_runs(runs_dir=None, problems: list | None = None) -> list[Run]:
+    """Every readable run of a store; each unreadable folder adds (folder, reason) to ``problems`` (or a
+    line on stderr) and never stops the listing."""
     root = Path(runs_dir or default_runs_dir())
     if not root.is_dir():
-        return []
+        what = "is a file, not a folder" if root.exists() else "does not exist"
+        raise StoreNotFound(f"runs dir {root} {what}: give the folder that holds the runs (--runs-dir, or the "
+                            f"AACE_RUNS environment variable; the default is ./runs)")
     runs = []
     for folder in sorted(root.iterdir()):
         if (folder / "config.json").exists():
             try:
                 runs.append(load_run(folder))
-            except (CorruptRun, TypeError, ValueError) as err:
-                print(f"skipping {folder}: {err}", file=sys.stderr)
+            except Exception as err:  # noqa: BLE001 - one damaged folder must not hide the others
+                reason = err if isinstance(err, CorruptRun) else f"unreadable ({type(err).__name__}: {err})"
+                if problems is None:
+                    print(f"skipping {folder}: {reason}", file=sys.stderr)
+                else:
+                    problems.append((folder, str(reason)))
     return runs
+
+
+def lock_held(path: Path) -> bool:
+    """Whether a process holds the run's lock now (a live run), without taking it for long."""
+    try:
+        with open(path / "lock", "rb") as f:
+            try:
+                fcntl.flock(f, fcntl.LOCK_SH | fcntl.LOCK_NB)
+            except OSError:
+                return True
+            fcntl.flock(f, fcntl.LOCK_UN)
+            return False
+    except OSError:
+        return False
+
+
+def shown_status(run_: Run) -> str:
+    """The status a listing shows: 'running' only while the run's lock is held, else 'stale' (its process
+    died without a word: SIGKILL, power loss)."""
+    status = run_.status
+    if status == "running" and not lock_held(run_.path):
+        return "stale"
+    return status
 
 

@@ -16,7 +16,6 @@ import multiprocessing
 import os
 import shutil
 import subprocess
-import sys
 import threading
 import time
 from dataclasses import dataclass, field

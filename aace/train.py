@@ -271,6 +271,13 @@ def run(config: RunConfig, runs_dir: str | os.PathLike | None = None, *, progres
     """
     device = resolve_device(config.device)
     run_dir = store.run_dir(config, device, runs_dir)
+    if not restart:  # a finished run is read without the lock: a read-only store still serves it
+        try:
+            existing = store.load_run(run_dir, missing_ok=True)
+        except store.CorruptRun:
+            existing = None  # handled under the lock below
+        if existing is not None and existing.summary.get("status") in ("finished", "diverged"):
+            return existing
     world = distributed.world_from_env()
     if world.active and config.batch_size % world.size:
         raise ValueError(f"RunConfig.batch_size: expected a multiple of the {world.size} processes, "
@@ -293,7 +300,8 @@ def run(config: RunConfig, runs_dir: str | os.PathLike | None = None, *, progres
                                    f"store {frozen}: regenerate the nbval fixture with 'make nbval-fixture'")
         threads = torch.get_num_threads()
         try:
-            return _train(config, device, run_dir, progress, world)
+            with store.sigterm_raises():
+                return _train(config, device, run_dir, progress, world)
         finally:
             torch.set_num_threads(threads)  # a run's own thread count stays with the run
 
@@ -322,7 +330,7 @@ def _train(config: RunConfig, device: torch.device, run_dir, progress, world: di
             store.write_tables(run_dir, epoch_rows, checkpoint["step_stats"])  # a kill may have left them behind
         if "perturbation" in checkpoint and isinstance(optimizer, SAM):
             optimizer._previous_perturbation = checkpoint["perturbation"]
-    if main and (checkpoint is None or not store.readable_json(run_dir / "config.json")):
+    if main and (checkpoint is None or not store.holds_config(run_dir, config)):
         store.write_config(run_dir, config, {**environment(device), "processes": world.size},
                            train_size=len(train_loader.labels), test_size=len(test_loader.labels),
                            val_size=0 if val_loader is None else len(val_loader.labels))
@@ -343,6 +351,7 @@ def _train(config: RunConfig, device: torch.device, run_dir, progress, world: di
         bar = tqdm(total=total_steps, initial=epochs_done * len(train_loader), unit="step",
                    desc=f"{config.label()} {config.dataset} seed {config.seed}", dynamic_ncols=True,
                    file=None if progress is True else progress)
+    checkpointed = epochs_done
     try:
         for epoch in range(epochs_done, config.epochs):
             start = time.perf_counter()
@@ -380,6 +389,7 @@ def _train(config: RunConfig, device: torch.device, run_dir, progress, world: di
                 state["scaler"] = scaler.state_dict()
             if main:
                 store.write_epoch(run_dir, epoch_rows, state["step_stats"], state)
+                checkpointed = epoch + 1
                 store.write_summary(run_dir, {"status": "running", "epochs_done": epoch + 1,
                                               "epochs": config.epochs})
             step_stats = [state["step_stats"]]
@@ -394,11 +404,30 @@ def _train(config: RunConfig, device: torch.device, run_dir, progress, world: di
                     **{k: final[k] for k in ("train_acc", "test_acc", "test_loss", "ce_loss", "aace_loss", "train_loss",
                                              "val_acc", "val_loss") if k in final},
                     "images_per_second": sum(r["images_per_second"] for r in epoch_rows) / len(epoch_rows)})
+    except (KeyboardInterrupt, store.Terminated) as err:
+        name = "SIGINT" if isinstance(err, KeyboardInterrupt) else "SIGTERM"
+        if main:
+            _write_status(run_dir, {"status": "interrupted", "signal": name, "epochs_done": checkpointed,
+                                    "epochs": config.epochs, "at": time.strftime("%Y-%m-%dT%H:%M:%S%z")})
+        raise store.RunInterrupted(run_dir, name, checkpointed, config.epochs) from None
+    except store.StoreWriteError as err:
+        if main:
+            _write_status(run_dir, {"status": "failed", "error": err.strerror, "epochs_done": checkpointed,
+                                    "epochs": config.epochs})
+        raise
     finally:
         if bar is not None:
             bar.close()
     distributed.barrier(world)  # the other ranks read the store only once rank 0 has written it
     return store.load_run(run_dir)
+
+
+def _write_status(run_dir, summary: dict) -> None:
+    """Best effort: a truthful summary.json after a stop (on a full disk even this may not fit)."""
+    try:
+        store.write_summary(run_dir, summary)
+    except OSError:
+        pass
 
 
 def _epoch_row(epoch, stats, n_train, test_loss, test_acc, seconds) -> dict:

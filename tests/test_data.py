@@ -52,8 +52,17 @@ def test_fashion_mnist_reads_idx_files(tmp_path, compress, monkeypatch):
 def test_fashion_mnist_missing_says_where_and_how(tmp_path, monkeypatch):
     monkeypatch.setattr(data, "DEBIAN_FASHION_MNIST", tmp_path / "nowhere")
     with pytest.raises(DatasetNotFound, match="apt-get install dataset-fashion-mnist") as err:
+        load_dataset("fashion_mnist")
+    assert "nowhere" in str(err.value) and "--data-root" in str(err.value)
+    # a given root means that folder: no fallback to the system copy, and the message names the folder
+    (tmp_path / "empty").mkdir()
+    fake_fashion_mnist(tmp_path / "system")
+    monkeypatch.setattr(data, "DEBIAN_FASHION_MNIST", tmp_path / "system")
+    with pytest.raises(DatasetNotFound, match="holds no Fashion-MNIST IDX file") as err:
         load_dataset("fashion_mnist", tmp_path / "empty")
-    assert str(tmp_path / "empty") in str(err.value) and "nowhere" in str(err.value)
+    assert f"--data-root {tmp_path / 'empty'}" in str(err.value) and "train-images-idx3-ubyte" in str(err.value)
+    with pytest.raises(DatasetNotFound, match="does not exist"):
+        load_dataset("fashion_mnist", tmp_path / "typo")
 
 
 def test_truncated_and_wrong_format_files_named(tmp_path, monkeypatch):

@@ -1,6 +1,7 @@
 """Faults a long run meets: kills (also mid-checkpoint), damaged files, two processes, NaNs, bad input."""
 import argparse
 import dataclasses
+import errno
 import json
 import os
 import signal
@@ -8,6 +9,7 @@ import subprocess
 import sys
 import textwrap
 import time
+from pathlib import Path
 
 import pytest
 import torch
@@ -196,3 +198,158 @@ def test_notebook_with_a_bad_parameter_fails_in_its_first_cell(tmp_path):
     code = [c for c in executed["cells"] if c["cell_type"] == "code"]
     failing = [i for i, c in enumerate(code) if any(o.get("output_type") == "error" for o in c.get("outputs", []))]
     assert failing == [2]  # parameters, injected parameters, then the first cell of the page
+
+
+# ----------------------------------------------------------------------------- the fault matrix of the CLI
+
+# A training process that sends itself a signal in the middle of a chosen epoch (deterministic, unlike a timer),
+# or whose fsync of the n-th checkpoint fails with ENOSPC (a full disk, without needing a small tmpfs).
+FAULTY = textwrap.dedent("""
+    import errno, os, signal, sys
+    import aace.store as store, aace.train as train
+    fault, when = sys.argv[1], int(sys.argv[2])
+    if fault in ("SIGINT", "SIGTERM"):
+        real_epoch = train.train_epoch
+        def train_epoch(config, model, optimizer, loader, epoch, *args, **kwargs):
+            if epoch + 1 == when:  # during this epoch, after its first steps
+                real_next = loader.epoch
+                def batches(e):
+                    for i, batch in enumerate(real_next(e)):
+                        if i == 3:
+                            os.kill(os.getpid(), getattr(signal, fault))
+                        yield batch
+                loader.epoch = batches
+            return real_epoch(config, model, optimizer, loader, epoch, *args, **kwargs)
+        train.train_epoch = train_epoch
+    else:
+        count, real_fsync = {"n": 0}, os.fsync
+        def fsync(fd):
+            if os.readlink(f"/proc/self/fd/{fd}").endswith("checkpoint.pt.tmp"):
+                count["n"] += 1
+                if count["n"] == when:
+                    raise OSError(errno.ENOSPC, "No space left on device")
+            real_fsync(fd)
+        os.fsync = fsync
+    from aace.cli import main
+    sys.exit(main(["train", *sys.argv[3:]]))
+""")
+
+
+def faulty_train(tmp_path, fault, when):
+    env = {**os.environ, "AACE_RUNS": str(tmp_path)}
+    return subprocess.run([sys.executable, "-c", FAULTY, fault, str(when), *ARGS], env=env, capture_output=True,
+                          text=True, timeout=300)
+
+
+def leftovers(path):
+    return sorted(p.name for p in path.rglob("*.tmp"))
+
+
+@pytest.mark.parametrize("name,code", [("SIGINT", 130), ("SIGTERM", 143)])
+@pytest.mark.parametrize("epoch", [1, 3])
+def test_interrupt_ends_with_one_line_a_truthful_status_and_resumes(tmp_path, reference, name, code, epoch):
+    proc = faulty_train(tmp_path, name, epoch)
+    assert proc.returncode == code, proc.stderr[-2000:]
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith(f"error: run interrupted by {name} after {epoch - 1} of 4 epochs")
+    assert "run the same command again to resume" in lines[0]
+    run_dir = tmp_path / reference.path.name
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert summary["status"] == "interrupted" and summary["epochs_done"] == epoch - 1 and summary["signal"] == name
+    assert not leftovers(tmp_path) and not store.lock_held(run_dir)
+    assert cli_main(["runs", "--runs-dir", str(tmp_path)]) == 0
+    assert cli_main(["train", *ARGS, "--runs-dir", str(tmp_path)]) == 0
+    assert same_result(store.load_run(run_dir), reference)
+
+
+def test_disk_full_keeps_the_last_checkpoint_says_how_much_and_resumes(tmp_path, reference):
+    proc = faulty_train(tmp_path, "ENOSPC", 2)
+    assert proc.returncode == 5, proc.stderr[-2000:]
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: disk full writing") and "bytes needed" in lines[0]
+    run_dir = tmp_path / reference.path.name
+    assert not leftovers(tmp_path)
+    assert store.load_checkpoint(run_dir, CPU)["epoch"] == 1  # the previous checkpoint, whole
+    assert json.loads((run_dir / "summary.json").read_text())["status"] == "failed"
+    assert cli_main(["train", *ARGS, "--runs-dir", str(tmp_path)]) == 0
+    assert same_result(store.load_run(run_dir), reference)
+
+
+def test_read_only_store_serves_finished_runs_and_refuses_new_ones_in_one_line(tmp_path, monkeypatch, capsys):
+    finished = run(profile_config("smoke", method="sgd", epochs=1, train_subset=64, test_subset=32), tmp_path,
+                   progress=False)
+
+    def refuse(self, *args, **kwargs):  # what a read-only folder answers (root ignores chmod, so simulated)
+        raise PermissionError(errno.EACCES, "Permission denied", str(self))
+    monkeypatch.setattr(Path, "mkdir", refuse)
+    monkeypatch.setattr(store.RunLock, "__enter__", lambda self: refuse(self.path))
+    assert run(finished.config, tmp_path, progress=False).finished  # read without the lock
+    assert cli_main(["train", "--profile", "smoke", "--epochs", "1", "--runs-dir", str(tmp_path)]) == 5
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("error: ") and "Permission denied" in err[0]
+
+
+def test_runs_dir_missing_or_a_file_is_an_error(tmp_path, capsys):
+    (tmp_path / "file").write_text("x")
+    assert cli_main(["runs", "--runs-dir", str(tmp_path / "typo")]) == 4
+    assert "does not exist" in capsys.readouterr().err
+    assert cli_main(["runs", "--runs-dir", str(tmp_path / "file")]) == 4
+    assert "is a file" in capsys.readouterr().err
+    assert cli_main(["train", "--profile", "smoke", "--epochs", "1", "--runs-dir", str(tmp_path / "file")]) == 5
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "--runs-dir" in err[0]
+
+
+MALFORMED = {"config.json": ("config.json", "{}"), "summary.json": ("summary.json", "[]"),
+             "wall_seconds": ("summary.json", json.dumps({"status": "finished", "epochs": 1, "wall_seconds": "ten"}))}
+
+
+@pytest.mark.parametrize("case", list(MALFORMED))
+def test_one_malformed_folder_never_breaks_the_listing_nor_training(tmp_path, case, capsys):
+    good = run(profile_config("smoke", method="sgd", epochs=1, train_subset=64, test_subset=32), tmp_path,
+               progress=False)
+    config = profile_config("smoke", method="sam", epochs=1, train_subset=64, test_subset=32)
+    bad = run(config, tmp_path, progress=False)
+    name, text = MALFORMED[case]
+    (bad.path / name).write_text(text)
+    capsys.readouterr()
+    assert cli_main(["runs", "--runs-dir", str(tmp_path)]) == 0
+    out = capsys.readouterr().out
+    assert good.path.name in out and bad.path.name in out
+    if case != "wall_seconds":  # a readable run with a bad number shows "-" for it; the others are named
+        assert any(line.startswith(bad.path.name) and "unreadable" in line for line in out.splitlines())
+    assert cli_main(["train", "--profile", "smoke", "--method", "sam", "--epochs", "1", "--train-subset", "64",
+                     "--test-subset", "32", "--runs-dir", str(tmp_path), "--no-progress"]) == 0
+
+
+def test_stale_run_is_shown_as_such_and_a_live_one_as_running(tmp_path, capsys):
+    r = run(profile_config("smoke", method="sgd", epochs=1, train_subset=64, test_subset=32), tmp_path, progress=False)
+    store.write_summary(r.path, {"status": "running", "epochs_done": 0, "epochs": 1})
+    assert store.shown_status(store.load_run(r.path)) == "stale"
+    with store.RunLock(r.path):
+        assert store.shown_status(store.load_run(r.path)) == "running"
+    cli_main(["runs", "--runs-dir", str(tmp_path)])
+    assert "stale" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("argv,code,words", [
+    (["--data-root", "EMPTY"], 3, "holds no Fashion-MNIST IDX file"),
+    (["--data-root", "MISSING"], 3, "does not exist"),
+    (["--dataset", "cifar10", "--data-root", "EMPTY"], 3, "cifar10 not found"),
+    (["--train-subset", "5"], 2, "RunConfig.train_subset"),
+])
+def test_data_faults_end_in_one_line_with_the_fix(tmp_path, capsys, argv, code, words):
+    (tmp_path / "empty").mkdir()
+    argv = [{"EMPTY": str(tmp_path / "empty"), "MISSING": str(tmp_path / "missing")}.get(a, a) for a in argv]
+    assert cli_main(["train", "--profile", "smoke", "--runs-dir", str(tmp_path / "runs"), *argv]) == code
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("error: ") and words in err[0]
+    assert not list((tmp_path / "runs").glob("*/metrics.csv"))
+
+
+def test_unexpected_errors_keep_their_traceback_and_debug_shows_every_one(tmp_path, monkeypatch):
+    monkeypatch.setattr("aace.train.prepare_data", lambda *a: 1 / 0)
+    with pytest.raises(ZeroDivisionError):
+        cli_main(["train", "--profile", "smoke", "--runs-dir", str(tmp_path)])
+    with pytest.raises(ValueError):
+        cli_main(["--debug", "train", "--profile", "smoke", "--train-subset", "5", "--runs-dir", str(tmp_path)])
