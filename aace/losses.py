@@ -1,13 +1,19 @@
 """Losses for the two SAM passes: AACE for the perturbation, cross-entropy for the update.
 
 All losses share one signature, ``loss(logits, target, reduction="mean", **options)``, and are
-computed in float32 whatever the input dtype, so they stay finite under bfloat16/float16 autocast.
+computed in at least float32 (bfloat16/float16 logits are upcast, so the losses stay finite under autocast;
+float64 logits stay float64).
 """
 from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+
+def _upcast(z: torch.Tensor) -> torch.Tensor:
+    """float32 for half-precision logits; float32 and float64 as they are."""
+    return z if z.dtype in (torch.float32, torch.float64) else z.float()
 
 AACE_MODES = ("ada", "rand", "const")
 AACE_TARGETS = ("authors", "normalized")
@@ -57,7 +63,7 @@ def aace_target(logits: torch.Tensor, target: torch.Tensor, mode: str = "ada", t
         raise ValueError(f"target_norm must be one of {AACE_TARGETS}, got {target_norm!r}")
     if not 0.0 <= threshold <= 1.0:
         raise ValueError(f"threshold must lie in [0, 1], got {threshold!r}")
-    z = logits.detach().float()
+    z = _upcast(logits.detach())
     true = F.one_hot(target.long(), z.shape[1]).bool()
     if mode == "ada":
         # Softmax over the other classes: the renormalised p_j, without dividing by 1 - p_y (which underflows).
@@ -88,7 +94,7 @@ def aace_loss(logits: torch.Tensor, target: torch.Tensor, mode: str = "ada", thr
     then as softplus(z_y - logsumexp(z without y)), which stays finite for any logit margin.
     """
     _check_inputs(logits, target, reduction, check_labels)
-    z = logits.float()
+    z = _upcast(logits)
     if mode == "ada" and threshold == 0.0:
         if target_norm not in AACE_TARGETS:
             raise ValueError(f"target_norm must be one of {AACE_TARGETS}, got {target_norm!r}")
@@ -108,7 +114,7 @@ def cross_entropy(logits: torch.Tensor, target: torch.Tensor, label_smoothing: f
     _check_inputs(logits, target, reduction, check_labels)
     if not 0.0 <= label_smoothing < 1.0:
         raise ValueError(f"label_smoothing must lie in [0, 1), got {label_smoothing!r}")
-    return F.cross_entropy(logits.float(), target.long(), label_smoothing=label_smoothing,
+    return F.cross_entropy(_upcast(logits), target.long(), label_smoothing=label_smoothing,
                            reduction=reduction)
 
 
@@ -132,8 +138,8 @@ class AACELoss(nn.Module):
 
 
 def _true_class_log_prob(logits: torch.Tensor, target: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """(log p, log p_y) in float32."""
-    log_p = torch.log_softmax(logits.float(), dim=1)
+    """(log p, log p_y) in at least float32."""
+    log_p = torch.log_softmax(_upcast(logits), dim=1)
     return log_p, log_p.gather(1, target.long()[:, None]).squeeze(1)
 
 

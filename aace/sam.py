@@ -131,22 +131,29 @@ class SAM(torch.optim.Optimizer):
             torch._foreach_copy_(self._perturbed, [self.state[p]["old_p"] for p in self._perturbed])
         self._perturbed = None
 
-    @torch.no_grad()
     def second_step(self, zero_grad: bool = False) -> None:
-        """Return to w exactly and take the base optimizer's step."""
-        self.restore()
-        self.base_optimizer.step()
+        """Return to w exactly and take the base optimizer's step (through ``self.step()``, which LR schedulers
+        wrap to know that a step happened)."""
+        self.step()
         if zero_grad:
             self.zero_grad(set_to_none=True)
 
-    def step(self, closure: Callable[[], torch.Tensor] | None = None) -> torch.Tensor:
-        """Full SAM step after the first backward: the closure runs the second pass at w + e."""
-        if closure is None:
-            raise ValueError("SAM.step needs a closure that does the forward and backward pass at w + e")
-        self.first_step(zero_grad=True)
-        with torch.enable_grad():
-            loss = closure()
-        self.second_step()
+    def step(self, closure: Callable[[], torch.Tensor] | None = None) -> torch.Tensor | None:
+        """After ``first_step`` and the second backward: return to w and take the base step. With a closure,
+        right after the first backward: ``first_step``, the closure (the second pass at w + e, which should
+        run under ``frozen_bn_stats``), then the same; returns the closure's loss."""
+        loss = None
+        if closure is not None:
+            self.first_step(zero_grad=True)
+            with torch.enable_grad():
+                loss = closure()
+        elif self._perturbed is None:
+            raise RuntimeError("SAM.step() (or second_step) was called without first_step(): without a closure it "
+                               "finishes a step that first_step() and the second backward began; or pass a "
+                               "closure that runs the second pass (aace.sam_step does the whole step)")
+        with torch.no_grad():
+            self.restore()
+            self.base_optimizer.step()
         return loss
 
     def state_dict(self) -> dict:

@@ -1,8 +1,9 @@
 """One run: a RunConfig in; metrics, a summary and a checkpoint out, in the run store.
 
-Every method shares one loop. Per step: forward and backward with the perturbation loss (CE for SAM,
-AACE for SAM+AACE), ``first_step`` to w + e, forward and backward at w + e with the update loss under
-``frozen_bn_stats``, ``second_step`` back to w and the SGD step. SGD does one pass with the update loss.
+Every method shares one loop. A SAM step is ``aace.sam_step``, the public step a user calls: forward and
+backward with the perturbation loss (CE for SAM, AACE for SAM+AACE), ``first_step`` to w + e, forward and
+backward at w + e with the update loss under ``frozen_bn_stats``, back to w and the SGD step. SGD does one
+pass with the update loss.
 Metrics stay on the device during an epoch and reach the host once per epoch.
 """
 from __future__ import annotations
@@ -23,7 +24,8 @@ from .data import (ArrayData, BatchLoader, load_dataset, mean_std, spec, stratif
                    train_validation_split)
 from .losses import LOSSES, aace_loss, cross_entropy
 from .models import build_model
-from .sam import SAM, frozen_bn_stats
+from .sam import SAM
+from .step import sam_step
 
 STEP_COLUMNS = ("lr", "ce_loss", "aace_loss", "grad_norm", "perturbation_norm", "perturbation_cosine",
                 "train_loss", "train_correct", "skipped")
@@ -133,49 +135,6 @@ def loss_functions(config: RunConfig, loss_generator: torch.Generator | None = N
     return perturbation_loss_fn, update_loss_fn
 
 
-def sam_update(model, optimizer: SAM, x, y, perturbation_loss_fn, update_loss_fn, autocast, scaler=None,
-               first_pass=None):
-    """One SAM step: perturbation pass, ``first_step``, update pass at w + e under ``frozen_bn_stats``,
-    ``second_step``. Returns (grad_norm, perturbation_norm, update_loss, skipped).
-
-    With an fp16 ``scaler`` the gradients of each pass are unscaled before use; if either pass overflowed,
-    the weights go back to w, neither the base optimizer nor its momentum moves, the scale backs off and
-    ``skipped`` is True. This costs one host synchronisation per pass, in fp16 only.
-    ``first_pass``: a context for the perturbation pass, e.g. DDP's ``no_sync()`` for m-sharpness.
-    """
-    with first_pass or contextlib.nullcontext():
-        with autocast:
-            logits = model(x)
-        perturbation_loss = perturbation_loss_fn(logits, y)
-        (perturbation_loss if scaler is None else scaler.scale(perturbation_loss)).backward()
-    if scaler is None:
-        grad_norm, e_norm = optimizer.first_step(zero_grad=True)
-        with frozen_bn_stats(model), autocast:
-            loss = update_loss_fn(model(x), y)
-        loss.backward()
-        optimizer.second_step(zero_grad=True)
-        return grad_norm, e_norm, loss.detach(), False
-    scaler.unscale_(optimizer)  # SAM shares its parameter groups with the base optimizer
-    grad_norm, e_norm = optimizer.first_step(zero_grad=True)
-    if not torch.isfinite(grad_norm):
-        optimizer.restore()
-        scaler.update()  # sees the overflow unscale_ recorded and backs off
-        return grad_norm, e_norm, torch.full_like(grad_norm, float("nan")), True
-    with frozen_bn_stats(model), autocast:
-        loss = update_loss_fn(model(x), y)
-    scaler.scale(loss).backward()
-    grads = [p.grad for g in optimizer.param_groups for p in g["params"] if p.grad is not None]
-    torch._foreach_mul_(grads, 1.0 / scaler.get_scale())  # unscale_ may run once per update(): by hand
-    if not torch.isfinite(torch.linalg.vector_norm(torch.stack(torch._foreach_norm(grads)))):
-        optimizer.restore()
-        optimizer.zero_grad(set_to_none=True)
-        scaler.update(scaler.get_scale() * scaler.get_backoff_factor())
-        return grad_norm, e_norm, loss.detach(), True
-    optimizer.second_step(zero_grad=True)
-    scaler.update()
-    return grad_norm, e_norm, loss.detach(), False
-
-
 def autocast_for(config: RunConfig, device: torch.device):
     """The forward passes' autocast context: bfloat16 or float16, or none for fp32."""
     if config.precision == "fp32":
@@ -221,16 +180,10 @@ def train_epoch(config, model, optimizer, loader, epoch, total_steps, loss_gener
             optimizer.zero_grad(set_to_none=True)
             e_norm, cosine, train_loss = torch.zeros_like(nan), nan, loss.detach()
         else:
-            # the metrics at w come from the perturbation pass's own logits, caught on the way
-            captured = {}
-
-            def perturbation_with_capture(z, t):
-                captured["logits"] = z.detach()
-                return perturbation_loss_fn(z, t)
-            grad_norm, e_norm, train_loss, skipped = sam_update(
-                model, optimizer, x, y, perturbation_with_capture, update_loss_fn, autocast, scaler,
-                distributed.perturbation_context(model, config.m_sharpness))
-            logits = captured["logits"]
+            step = sam_step(model, optimizer, x, y, perturbation_loss_fn, update_loss_fn, autocast=autocast,
+                            scaler=scaler, ddp_no_sync=distributed.perturbation_context(model, config.m_sharpness))
+            grad_norm, e_norm, train_loss, skipped = step.grad_norm, step.perturbation_norm, step.loss, step.skipped
+            logits = step.logits  # the metrics at w come from the perturbation pass's own logits
             cosine = optimizer.perturbation_cosine
         with torch.no_grad():
             ce = cross_entropy(logits, y, check_labels=False)

@@ -7,7 +7,8 @@ from torch import nn
 
 from aace import SAM, aace_loss
 from aace.config import profile_config
-from aace.train import run, sam_update
+from aace import sam_step
+from aace.train import run
 
 
 def setup(seed=0):
@@ -31,9 +32,9 @@ def test_scaled_step_without_overflow_equals_the_plain_step():
     b, opt_b, _, _ = setup()
     scaler = torch.amp.GradScaler("cpu", init_scale=2.0 ** 10)
     for _ in range(3):
-        _, _, _, skipped = sam_update(a, opt_a, x, y, aace_loss, CE, contextlib.nullcontext(), scaler)
+        skipped = sam_step(a, opt_a, x, y, aace_loss, CE, autocast=contextlib.nullcontext(), scaler=scaler).skipped
         assert not skipped
-        sam_update(b, opt_b, x, y, aace_loss, CE, contextlib.nullcontext(), None)
+        sam_step(b, opt_b, x, y, aace_loss, CE, autocast=contextlib.nullcontext(), scaler=None)
     for p, q in zip(a.parameters(), b.parameters()):
         assert torch.equal(p, q)  # the scale is a power of two: scaling and unscaling are exact
 
@@ -42,7 +43,7 @@ def test_scaled_step_without_overflow_equals_the_plain_step():
 def test_overflow_in_either_pass_skips_the_whole_step(bad_pass):
     model, opt, x, y = setup()
     scaler = torch.amp.GradScaler("cpu", init_scale=2.0 ** 10)
-    sam_update(model, opt, x, y, aace_loss, CE, contextlib.nullcontext(), scaler)  # momentum exists now
+    sam_step(model, opt, x, y, aace_loss, CE, autocast=contextlib.nullcontext(), scaler=scaler)  # momentum exists now
     before = state(model, opt)
     scale = scaler.get_scale()
     calls = {"n": 0}
@@ -51,7 +52,7 @@ def test_overflow_in_either_pass_skips_the_whole_step(bad_pass):
         calls["n"] += 1
         return torch.full_like(grad, float("inf")) if calls["n"] == bad_pass else grad
     handle = model[0].weight.register_hook(poison)
-    _, _, _, skipped = sam_update(model, opt, x, y, aace_loss, CE, contextlib.nullcontext(), scaler)
+    skipped = sam_step(model, opt, x, y, aace_loss, CE, autocast=contextlib.nullcontext(), scaler=scaler).skipped
     handle.remove()
     assert skipped
     after = state(model, opt)
@@ -59,7 +60,7 @@ def test_overflow_in_either_pass_skips_the_whole_step(bad_pass):
     assert all(torch.equal(p, q) for p, q in zip(before[1], after[1]))  # momentum untouched
     assert scaler.get_scale() == scale * 0.5
     assert opt._perturbed is None  # ready for the next step
-    _, _, _, skipped = sam_update(model, opt, x, y, aace_loss, CE, contextlib.nullcontext(), scaler)
+    skipped = sam_step(model, opt, x, y, aace_loss, CE, autocast=contextlib.nullcontext(), scaler=scaler).skipped
     assert not skipped
 
 

@@ -8,7 +8,8 @@ from torch import nn
 
 from aace import SAM, aace_loss, build_model
 from aace.config import profile_config
-from aace.train import run, sam_update
+from aace import sam_step
+from aace.train import run
 
 pytestmark = [pytest.mark.cuda,
               pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")]
@@ -34,9 +35,9 @@ def test_mixed_precision_step_stays_close_to_fp32(dtype):
     b, opt_b, _, _ = small_wrn()
     scaler = torch.amp.GradScaler("cuda") if dtype == torch.float16 else None
     for _ in range(3):
-        _, _, _, skipped = sam_update(a, opt_a, x, y, aace_loss, CE, torch.autocast("cuda", dtype=dtype), scaler)
+        skipped = sam_step(a, opt_a, x, y, aace_loss, CE, autocast=torch.autocast("cuda", dtype=dtype), scaler=scaler).skipped
         assert not skipped
-        sam_update(b, opt_b, x, y, aace_loss, CE, contextlib.nullcontext(), None)
+        sam_step(b, opt_b, x, y, aace_loss, CE, autocast=contextlib.nullcontext(), scaler=None)
     start = weights(small_wrn()[0])
     for p, q, w in zip(a.parameters(), b.parameters(), start):
         # the low-precision step moves the weights as fp32 does, to within a few % of the move
@@ -48,7 +49,7 @@ def test_fp16_overflow_in_either_pass_skips_the_whole_step_on_cuda(bad_pass):
     model, opt, x, y = small_wrn()
     scaler = torch.amp.GradScaler("cuda", init_scale=2.0 ** 10)
     autocast = torch.autocast("cuda", dtype=torch.float16)
-    sam_update(model, opt, x, y, aace_loss, CE, autocast, scaler)  # momentum exists now
+    sam_step(model, opt, x, y, aace_loss, CE, autocast=autocast, scaler=scaler)  # momentum exists now
     before = weights(model)
     momentum = [s["momentum_buffer"].clone() for s in opt.base_optimizer.state.values()]
     scale, calls = scaler.get_scale(), {"n": 0}
@@ -57,7 +58,7 @@ def test_fp16_overflow_in_either_pass_skips_the_whole_step_on_cuda(bad_pass):
         calls["n"] += 1
         return torch.full_like(grad, float("inf")) if calls["n"] == bad_pass else grad
     handle = next(model.parameters()).register_hook(poison)
-    _, _, _, skipped = sam_update(model, opt, x, y, aace_loss, CE, autocast, scaler)
+    skipped = sam_step(model, opt, x, y, aace_loss, CE, autocast=autocast, scaler=scaler).skipped
     handle.remove()
     assert skipped and scaler.get_scale() == scale * 0.5
     assert all(torch.equal(p, q) for p, q in zip(before, weights(model)))

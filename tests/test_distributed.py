@@ -20,7 +20,7 @@ import torch.distributed as dist
 from torch import nn
 from aace import SAM, aace_loss
 from aace.distributed import World, init, perturbation_context, shard, world_from_env, wrap
-from aace.train import sam_update
+from aace import sam_step
 import contextlib
 
 m_sharpness, out = sys.argv[1] == "1", sys.argv[2]
@@ -33,8 +33,8 @@ opt = SAM(model.parameters(), torch.optim.SGD, rho=0.1, lr=0.1, momentum=0.9)
 g = torch.Generator().manual_seed(1)
 for step in range(3):
     x, y = torch.randn(16, 6, generator=g), torch.randint(0, 4, (16,), generator=g)
-    sam_update(net, opt, shard(x, world), shard(y, world), aace_loss, nn.functional.cross_entropy,
-               contextlib.nullcontext(), None, perturbation_context(net, m_sharpness))
+    sam_step(net, opt, shard(x, world), shard(y, world), aace_loss, nn.functional.cross_entropy,
+             ddp_no_sync=perturbation_context(net, m_sharpness))
 if world.main:
     torch.save(model.state_dict(), out)
 dist.destroy_process_group()
