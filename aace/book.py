@@ -39,8 +39,21 @@ def execute_notebooks(profile: str, names: list[str] | None = None, parameters: 
         print(f"executing {name} with {own}", flush=True)
         papermill.execute_notebook(str(NOTEBOOK_DIR / f"{name}.ipynb"), str(target), parameters=own,
                                    cwd=str(ROOT), kernel_name="python3", progress_bar=True)
+        hide_parameter_cells(target)
         executed.append(target)
     return executed
+
+
+def hide_parameter_cells(path: Path) -> None:
+    """Tag the parameters cell and papermill's injected one 'remove-cell': the rendered page goes straight to
+    its content; the notebook a reader reruns keeps them."""
+    import nbformat
+    nb = nbformat.read(str(path), as_version=4)
+    for cell in nb.cells:
+        tags = cell.metadata.get("tags", [])
+        if ("parameters" in tags or "injected-parameters" in tags) and "remove-cell" not in tags:
+            cell.metadata["tags"] = [*tags, "remove-cell"]
+    nbformat.write(nb, str(path))
 
 
 def build_book(path: str | os.PathLike = ROOT) -> None:

@@ -12,11 +12,37 @@ LABELS = {
 }
 
 
+# One colour per method in every figure of the book, keyed by the method's name (never by its position in
+# a figure, which shifts when a method has nothing to draw in a panel). Other names take the next free colour
+# the first time they are drawn and keep it.
+PALETTE = {"SGD": "tab:gray", "SAM": "tab:blue", "SAM+AACE": "tab:orange", "SAM+AACE, normalised step": "tab:green"}
+_SPARE = ["tab:red", "tab:purple", "tab:brown", "tab:pink", "tab:olive", "tab:cyan", "#1b4f72", "#7d6608",
+          "#145a32", "#6c3483", "#b03a2e", "#117864"]
+_assigned: dict = {}
+
+
+def color_for(name: str) -> str:
+    """The colour of a method (an arm's name, with any ' (n=...)' suffix left out)."""
+    if name in PALETTE:
+        return PALETTE[name]
+    if name not in _assigned:
+        used = set(_assigned.values())
+        free = [c for c in _SPARE if c not in used] or _SPARE
+        _assigned[name] = free[0] if len(used) < len(_SPARE) else _SPARE[len(_assigned) % len(_SPARE)]
+    return _assigned[name]
+
+
+def _legend(fig, handles: dict) -> None:
+    fig.legend(list(handles.values()), list(handles), loc="lower center", ncol=min(len(handles), 4), frameon=False,
+               bbox_to_anchor=(0.5, -0.02))
+
+
 def curves(runs_by_name: dict, columns: list[str], x: str = "epoch", table: str = "metrics", ncols: int = 3,
            log: tuple = (), title: str | None = None, smooth: int = 1):
     """One panel per column; for each name, the mean over its runs with a min-max band."""
     nrows = -(-len(columns) // ncols)
     fig, axes = plt.subplots(nrows, ncols, figsize=(4.2 * ncols, 3.1 * nrows), squeeze=False)
+    handles = {}  # every method drawn in any panel, for one legend
     for ax, column in zip(axes.flat, columns):
         for name, runs in runs_by_name.items():
             frames = [getattr(r, table) for r in runs if len(getattr(r, table))]
@@ -29,7 +55,9 @@ def curves(runs_by_name: dict, columns: list[str], x: str = "epoch", table: str 
                 values = np.stack([np.convolve(v, kernel, mode="valid") for v in values])
             xs = frames[0][x].to_numpy()[:length][-values.shape[1]:]
             mean = np.nanmean(values, axis=0)
-            line, = ax.plot(xs, mean, label=f"{name}" + (f" (n={len(frames)})" if len(frames) > 1 else ""))
+            label = f"{name}" + (f" (n={len(frames)})" if len(frames) > 1 else "")
+            line, = ax.plot(xs, mean, label=label, color=color_for(name))
+            handles.setdefault(label, line)
             if len(frames) > 1:
                 ax.fill_between(xs, np.nanmin(values, 0), np.nanmax(values, 0), color=line.get_color(), alpha=0.2)
         ax.set_title(LABELS.get(column, column), fontsize=10)
@@ -39,9 +67,7 @@ def curves(runs_by_name: dict, columns: list[str], x: str = "epoch", table: str 
         ax.grid(alpha=0.3)
     for ax in list(axes.flat)[len(columns):]:
         ax.axis("off")
-    handles, labels = axes.flat[0].get_legend_handles_labels()
-    fig.legend(handles, labels, loc="lower center", ncol=min(len(labels), 4), frameon=False,
-               bbox_to_anchor=(0.5, -0.02))
+    _legend(fig, handles)
     if title:
         fig.suptitle(title)
     fig.tight_layout(rect=(0, 0.06, 1, 1))
@@ -53,7 +79,7 @@ def histograms(values_by_name: dict, xlabel: str, bins: int = 30, log: bool = Tr
     all_values = np.concatenate([np.asarray(v, dtype=float) for v in values_by_name.values()])
     edges = np.geomspace(max(all_values.min(), 1e-8), all_values.max(), bins) if log else bins
     for name, values in values_by_name.items():
-        ax.hist(values, bins=edges, alpha=0.5, label=name)
+        ax.hist(values, bins=edges, alpha=0.5, label=name, color=color_for(name))
     if log:
         ax.set_xscale("log")
     ax.set_xlabel(xlabel)
@@ -83,7 +109,8 @@ def versus(runs_by_x: dict, column: str, xlabel: str, ylabel: str | None = None,
         low = mean - np.array([np.min(v) for _, v in points])
         high = np.array([np.max(v) for _, v in points]) - mean
         n = max(len(v) for _, v in points)
-        ax.errorbar(at, mean, yerr=[low, high], marker="o", capsize=3, label=name + (f" (n={n})" if n > 1 else ""))
+        ax.errorbar(at, mean, yerr=[low, high], marker="o", capsize=3, label=name + (f" (n={n})" if n > 1 else ""),
+                    color=color_for(name))
     ax.set_xlabel(xlabel)
     ax.set_ylabel(ylabel or LABELS.get(column, column))
     ax.grid(alpha=0.3)

@@ -1,0 +1,42 @@
+"""Figures: one colour per method, whatever else a panel holds."""
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.colors as mcolors  # noqa: E402
+import numpy as np  # noqa: E402
+import pandas as pd  # noqa: E402
+
+from aace import plots  # noqa: E402
+from aace.config import RunConfig  # noqa: E402
+from aace.store import Run  # noqa: E402
+
+
+def fake(cosine, seed=0):
+    metrics = pd.DataFrame({"epoch": [1, 2, 3], "perturbation_cosine": cosine, "test_acc": [0.5, 0.6, 0.7]})
+    return Run(path=None, config=RunConfig(seed=seed), info={}, metrics=metrics, steps=None,
+               summary={"status": "finished"})
+
+
+def drawn(fig, panel=0):
+    return {line.get_label().split(" (n=")[0]: mcolors.to_hex(line.get_color()) for line in fig.axes[panel].lines}
+
+
+def test_a_method_keeps_its_colour_when_another_has_nothing_to_draw():
+    runs = {"SGD": [fake([np.nan] * 3)], "SAM": [fake([0.0, 0.1, -0.1])], "SAM+AACE": [fake([0.6, 0.6, 0.7])]}
+    fig = plots.curves(runs, ["perturbation_cosine", "test_acc"], ncols=2)
+    cosine, accuracy = drawn(fig, 0), drawn(fig, 1)
+    assert "SGD" not in cosine  # nothing to draw: skipped, not shifting the others
+    for name in ("SAM", "SAM+AACE"):
+        assert cosine[name] == accuracy[name] == mcolors.to_hex(plots.PALETTE[name])
+    assert accuracy["SGD"] == mcolors.to_hex(plots.PALETTE["SGD"])
+    legend = [t.get_text() for t in fig.legends[0].get_texts()]
+    assert legend == ["SGD", "SAM", "SAM+AACE"] or sorted(legend) == ["SAM", "SAM+AACE", "SGD"]
+    empty = {"SAM": [], **{k: v for k, v in runs.items() if k != "SAM"}}  # an empty series, too
+    assert drawn(plots.curves(empty, ["perturbation_cosine"]), 0)["SAM+AACE"] == cosine["SAM+AACE"]
+
+
+def test_other_names_get_distinct_colours_that_stay_theirs():
+    first = plots.color_for("SAM+AACE rho 0.05")
+    second = plots.color_for("SAM+AACE rho 0.1")
+    assert first != second and first not in plots.PALETTE.values()
+    assert plots.color_for("SAM+AACE rho 0.05") == first
