@@ -115,3 +115,18 @@ def test_page_loads_with_its_figures_and_no_traceback(html, browser, page):
     for src, complete, width, height in figures:
         assert complete and width > 0 and height > 0, f"{page}: figure {src} did not load"
         assert (file.parent / src).stat().st_size > 0
+
+
+def test_formulas_render_without_internet(html, browser):
+    """MathJax is served from the book itself: the formulas of the loss page are typeset, not shown raw."""
+    file = html / "book" / "aace_loss.html"
+    browser.get(file.as_uri())
+    for _ in range(100):
+        typeset = browser.script("return document.querySelectorAll('mjx-container').length")
+        if typeset:
+            break
+        time.sleep(0.1)
+    assert typeset > 0, "no formula was typeset (MathJax did not load)"
+    assert browser.script("return Array.from(document.scripts).some(s => /mathjax/i.test(s.src) && "
+                          "s.src.startsWith('file:'))")
+    assert "\\(" not in browser.script("return document.querySelector('main').innerText")
