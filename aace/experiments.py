@@ -173,13 +173,14 @@ def final(runs: list[Run], column: str) -> list[float]:
 
 
 def format_spread(s: dict, scale: float = 100.0, digits: int = 2) -> str:
+    """'mean ± half-width of the 95 % t-interval (n=...)': short enough for a table cell."""
     if s["n"] == 0:
         return "diverged"
     if math.isnan(s["mean"]):
         return "n/a"
     if s["n"] == 1:
         return f"{scale * s['mean']:.{digits}f} (1 run)"
-    return f"{scale * s['mean']:.{digits}f} ± {scale * s['std']:.{digits}f} (n={s['n']}, 95% CI ± {scale * s['ci95']:.{digits}f})"
+    return f"{scale * s['mean']:.{digits}f} ± {scale * s['ci95']:.{digits}f} (n={s['n']})"
 
 
 def format_runs(runs: list[Run], column: str = "test_acc", scale: float = 100.0, digits: int = 2) -> str:
@@ -268,24 +269,40 @@ def table(page: str, profile: str, datasets=None, methods=("sgd", "sam", "aace")
             rows[dataset]["SAM+AACE − SAM (paired)"] = (
                 f"{100 * d['mean']:+.2f}" + (f" (95% CI ± {100 * d['ci95']:.2f}, n={d['n']})" if d["n"] > 1 else
                                              f" (n={d['n']})"))
-        rows[dataset]["setting"] = f"profile {profile}: " + describe(next(iter(grid.values()))[0])
     return runs, pd.DataFrame(rows).T
 
 
-def published_table(datasets, family: str):
-    """The published rows for these datasets and model family, accuracy shown beside the stated metric."""
+def setting_text(runs: dict, profile: str) -> str:
+    """One line per dataset of a table page: what its cells ran with (model, epochs, subset, seeds)."""
+    lines = []
+    for dataset, by_name in runs.items():
+        first = next(iter(by_name.values()))
+        seeds = len(first)
+        lines.append(f"**{dataset}** (profile `{profile}`): {describe(first[0].config)}; "
+                     f"{seeds} seed{'s' if seeds > 1 else ''} per cell")
+    return "  \n".join(lines)
+
+
+PAPER_DATASETS = ("cifar10", "cifar100", "fashion_mnist", "food101")
+
+
+def published_table(family: str, datasets=PAPER_DATASETS):
+    """The published rows for the paper's datasets and a model family, narrow enough for a page: the method,
+    the setting and the test accuracy first (derived from an error rate where that is what was published),
+    the source last."""
     import pandas as pd
     frames = [published_for(d, family) for d in datasets]
     rows = pd.concat(frames).drop_duplicates() if frames else published_results().iloc[:0]
-    out = rows[["source", "dataset", "model", "method", "rho", "epochs", "augmentation", "metric", "value",
-                "spread", "n_runs"]].copy()
 
     def accuracy(row):
         if not row["value"]:
             return "not available"
         value = float(row["value"])
         return f"{100 - value:.2f}" if row["metric"] == "test_error_percent" else f"{value:.2f}"
-    out.insert(out.columns.get_loc("value"), "test accuracy % (derived)", out.apply(accuracy, axis=1))
+    out = pd.DataFrame({"method": rows["method"], "dataset": rows["dataset"].str.replace(";", ", "),
+                        "model": rows["model"].str.replace(";", ", "), "test accuracy %": rows.apply(accuracy, axis=1),
+                        "spread": rows["spread"], "runs": rows["n_runs"], "rho": rows["rho"], "epochs": rows["epochs"],
+                        "source": rows["source"]})
     return out.reset_index(drop=True)
 
 

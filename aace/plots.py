@@ -7,7 +7,8 @@ import numpy as np
 LABELS = {
     "ce_loss": "CE loss (unperturbed w)", "aace_loss": "AACE loss (unperturbed w)",
     "grad_norm": "‖g‖ of the perturbation loss", "perturbation_norm": "‖e‖ (perturbation length)",
-    "perturbation_cosine": "cos(e_t, e_t-1)", "test_acc": "test accuracy", "train_acc": "training accuracy",
+    "perturbation_cosine": "cos(e_t, e_t-1)", "test_acc": "test accuracy (%)", "train_acc": "training accuracy (%)",
+    "val_acc": "validation accuracy (%)",
     "train_loss": "update loss at w + e", "test_loss": "test loss", "lr": "learning rate",
 }
 
@@ -15,6 +16,7 @@ LABELS = {
 # One colour per method in every figure of the book, keyed by the method's name (never by its position in
 # a figure, which shifts when a method has nothing to draw in a panel). Other names take the next free colour
 # the first time they are drawn and keep it.
+PERCENT = ("train_acc", "test_acc", "val_acc")
 PALETTE = {"SGD": "tab:gray", "SAM": "tab:blue", "SAM+AACE": "tab:orange", "SAM+AACE, normalised step": "tab:green"}
 _SPARE = ["tab:red", "tab:purple", "tab:brown", "tab:pink", "tab:olive", "tab:cyan", "#1b4f72", "#7d6608",
           "#145a32", "#6c3483", "#b03a2e", "#117864"]
@@ -50,6 +52,8 @@ def curves(runs_by_name: dict, columns: list[str], x: str = "epoch", table: str 
                 continue
             length = min(len(f) for f in frames)
             values = np.stack([f[column].to_numpy(dtype=float)[:length] for f in frames])
+            if column in PERCENT:
+                values = 100 * values  # accuracies in %, as in the tables
             if smooth > 1:
                 kernel = np.ones(smooth) / smooth
                 values = np.stack([np.convolve(v, kernel, mode="valid") for v in values])
