@@ -299,11 +299,20 @@ def published_table(family: str, datasets=PAPER_DATASETS):
             return "not available"
         value = float(row["value"])
         return f"{100 - value:.2f}" if row["metric"] == "test_error_percent" else f"{value:.2f}"
+    def setting(row):
+        return ", ".join(part for part in (f"rho {row['rho']}" if row["rho"] else "",
+                                           f"{row['epochs']} ep." if row["epochs"] else "") if part)
+
+    def source(text):  # "Author year (paper), where": the where shortened to what a reader looks up
+        who, _, where = text.partition(", ")
+        return f"{who}, {'training logs' if 'logs' in where else where}" if where else who
     out = pd.DataFrame({"method": rows["method"], "dataset": rows["dataset"].str.replace(";", ", "),
-                        "model": rows["model"].str.replace(";", ", "), "test accuracy %": rows.apply(accuracy, axis=1),
-                        "spread": rows["spread"], "runs": rows["n_runs"], "rho": rows["rho"], "epochs": rows["epochs"],
-                        "source": rows["source"]})
-    return out.reset_index(drop=True)
+                        "model": rows["model"].str.replace(";", ", "), "test acc. %": rows.apply(accuracy, axis=1),
+                        "spread, runs": rows.apply(lambda r: ", ".join(p for p in (r["spread"], r["n_runs"] and
+                                                                                  f"{r['n_runs']} runs") if p), axis=1),
+                        "setting": rows.apply(setting, axis=1),
+                        "source": rows["source"].map(source)})
+    return out.set_index("method")
 
 
 def last_quarter(runs: list[Run], column: str) -> dict:

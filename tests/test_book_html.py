@@ -63,6 +63,7 @@ class WebDriver:
         caps = {"capabilities": {"alwaysMatch": {"browserName": "chrome",
                                                  "goog:chromeOptions": {"binary": CHROMIUM, "args": args}}}}
         self.session = self._call("POST", "/session", caps)["sessionId"]
+        self._call("POST", f"/session/{self.session}/window/rect", {"width": 1280, "height": 1000})  # a desktop
 
     def _call(self, method, path, body=None):
         data = json.dumps(body).encode() if body is not None else None
@@ -76,6 +77,13 @@ class WebDriver:
 
     def script(self, source):
         return self._call("POST", f"/session/{self.session}/execute/sync", {"script": source, "args": []})
+
+    def screenshot(self) -> bytes:
+        """The whole page, not only the window (through Chromium's DevTools protocol), as PNG bytes."""
+        import base64
+        shot = self._call("POST", f"/session/{self.session}/goog/cdp/execute",
+                          {"cmd": "Page.captureScreenshot", "params": {"captureBeyondViewport": True, "format": "png"}})
+        return base64.b64decode(shot["data"])
 
     def quit(self):
         try:
@@ -115,6 +123,23 @@ def test_page_loads_with_its_figures_and_no_traceback(html, browser, page):
     for src, complete, width, height in figures:
         assert complete and width > 0 and height > 0, f"{page}: figure {src} did not load"
         assert (file.parent / src).stat().st_size > 0
+    for _ in range(100):  # until MathJax has typeset what it will
+        if not browser.script("return document.querySelector('main').innerText.includes('\\\\(')"):
+            break
+        time.sleep(0.1)
+    main_text = browser.script("return document.querySelector('main').innerText")
+    assert not any(raw in main_text for raw in ("\\(", "\\[", "$$")), f"{page}: raw LaTeX in the page"
+    assert "injected-parameters" not in browser.script("return document.querySelector('main').innerHTML"), \
+        f"{page}: papermill's parameter cell is shown"
+    too_wide = browser.script(
+        "const article = document.querySelector('article') || document.querySelector('main');"
+        "return Array.from(document.querySelectorAll('main table')).filter(t => {"
+        "  const box = t.closest('.cell_output') || article;"
+        "  return t.getBoundingClientRect().width > box.clientWidth + 1; }).map(t => t.innerText.slice(0, 60));")
+    assert not too_wide, f"{page}: table wider than the page: {too_wide}"
+    shot = browser.screenshot()
+    (html / "screenshots").mkdir(exist_ok=True)
+    (html / "screenshots" / f"{page}.png").write_bytes(shot)  # a full-page picture of what a reader sees
 
 
 def test_formulas_render_without_internet(html, browser):
