@@ -272,6 +272,24 @@ def table(page: str, profile: str, datasets=None, methods=("sgd", "sam", "aace")
     return runs, pd.DataFrame(rows).T
 
 
+def table_finding(runs: dict) -> str:
+    """A table page's finding: per dataset, SAM+AACE against SAM (paired), and what the comparison could see."""
+    parts = []
+    for dataset, by_name in runs.items():
+        if "SAM" not in by_name or "SAM+AACE" not in by_name:
+            continue
+        d = paired_difference(by_name["SAM"], by_name["SAM+AACE"], "test_acc")
+        if d["n"] < 2:
+            parts.append(f"on {dataset}, SAM+AACE minus SAM is {100 * d['mean']:+.2f} points of test accuracy from "
+                         f"{d['n']} seed: too few to tell a difference from noise")
+        else:
+            parts.append(f"on {dataset}, SAM+AACE minus SAM is {100 * d['mean']:+.2f} points of test accuracy "
+                         f"(95 % CI ± {100 * d['ci95']:.2f}, {d['n']} paired seeds; differences below "
+                         f"{100 * minimum_detectable_effect(d):.1f} points are not detectable here): "
+                         f"{verdict(d)}")
+    return ("**Finding:** " + "; ".join(parts) + ".") if parts else ""
+
+
 def setting_text(runs: dict, profile: str) -> str:
     """One line per dataset of a table page: what its cells ran with (model, epochs, subset, seeds)."""
     lines = []
