@@ -121,3 +121,32 @@ def versus(runs_by_x: dict, column: str, xlabel: str, ylabel: str | None = None,
     ax.legend(frameon=False, fontsize=8)
     fig.tight_layout()
     return fig
+
+
+def differences(runs_by_x: dict, baseline: str, column: str, xlabel: str, ylabel: str, scale: float = 100.0):
+    """Each arm minus ``baseline``, paired by seed, against a setting: the mean difference with its 95 %
+    interval (none with one seed), one line per arm; zero marked. ``runs_by_x``: {x: {arm name: [runs]}}."""
+    from .experiments import paired_difference
+    fig, ax = plt.subplots(figsize=(6, 3.6))
+    xs = sorted(runs_by_x)
+    names = [n for n in dict.fromkeys(n for x in xs for n in runs_by_x[x]) if n != baseline]
+    width = 0.012 * (max(xs) - min(xs) or 1)
+    for i, name in enumerate(names):
+        points = [(x, paired_difference(runs_by_x[x][baseline], runs_by_x[x][name], column)) for x in xs
+                  if name in runs_by_x[x] and baseline in runs_by_x[x]]
+        points = [(x, d) for x, d in points if d["n"]]
+        if not points:
+            continue
+        at = np.array([x for x, _ in points]) + (i - (len(names) - 1) / 2) * width
+        mean = np.array([scale * d["mean"] for _, d in points])
+        ci = np.array([scale * d["ci95"] if d["n"] > 1 else 0.0 for _, d in points])
+        n = max(d["n"] for _, d in points)
+        ax.errorbar(at, mean, yerr=ci, marker="o", capsize=3, color=color_for(name),
+                    label=f"{name} (n={n} seed{'s' if n > 1 else ''})")
+    ax.axhline(0.0, color="k", lw=1)
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
+    ax.grid(alpha=0.3)
+    ax.legend(frameon=False, fontsize=8)
+    fig.tight_layout()
+    return fig

@@ -40,3 +40,18 @@ def test_other_names_get_distinct_colours_that_stay_theirs():
     second = plots.color_for("SAM+AACE rho 0.1")
     assert first != second and first not in plots.PALETTE.values()
     assert plots.color_for("SAM+AACE rho 0.05") == first
+
+
+def test_paired_differences_against_the_baseline():
+    def run(acc, seed):
+        r = fake([0.0, 0.0, 0.0], seed)
+        r.metrics["test_acc"] = [0.1, 0.2, acc]
+        return r
+    runs = {0.0: {"SAM": [run(0.70, 0), run(0.72, 1)], "SAM+AACE": [run(0.75, 0), run(0.73, 1)]},
+            0.4: {"SAM": [run(0.50, 0), run(0.52, 1)], "SAM+AACE": [run(0.49, 0), run(0.51, 1)]}}
+    fig = plots.differences(runs, "SAM", "test_acc", "noise", "difference")
+    series = {c.get_label(): c.lines[0] for c in fig.axes[0].containers}
+    assert list(series) == ["SAM+AACE (n=2 seeds)"]  # the baseline itself is not drawn
+    line = series["SAM+AACE (n=2 seeds)"]
+    assert np.allclose(line.get_ydata(), [3.0, -1.0])  # paired by seed, in points
+    assert mcolors.to_hex(line.get_color()) == mcolors.to_hex(plots.PALETTE["SAM+AACE"])
