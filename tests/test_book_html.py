@@ -137,6 +137,10 @@ def test_page_loads_with_its_figures_and_no_traceback(html, browser, page):
         "  const box = t.closest('.cell_output') || article;"
         "  return t.getBoundingClientRect().width > box.clientWidth + 1; }).map(t => t.innerText.slice(0, 60));")
     assert not too_wide, f"{page}: table wider than the page: {too_wide}"
+    if page in NOTEBOOK_PAGES and page != "own_training_loop":  # a how-to page, whose first line says what it offers
+        first = browser.script("const p = Array.from(document.querySelectorAll('main p')).find("
+                               "p => !p.closest('details, summary, .cell_input')); return p ? p.innerText : ''")
+        assert first.startswith("Finding"), f"{page}: the first paragraph is not the finding: {first[:80]!r}"
     shot = browser.screenshot()
     (html / "screenshots").mkdir(exist_ok=True)
     (html / "screenshots" / f"{page}.png").write_bytes(shot)  # a full-page picture of what a reader sees
