@@ -164,7 +164,8 @@ def _study(args, argv) -> int:
     record = study.run_study(args.profile, args.runs_dir, args.workers, stop_after, **overrides)
     if args.export and record["complete"]:
         command = "python -m aace " + " ".join(a for a in (argv if argv is not None else sys.argv[1:]))
-        print(f"exported to {study.export(record, args.export, command)}")
+        from .results import export
+        print(f"exported to {export(record, args.export, command)}")
     return 0 if record["complete"] else EXIT_CODES["incomplete"]
 
 

@@ -6,7 +6,7 @@ import shutil
 import pytest
 import torch
 
-from aace import study
+from aace import results, study
 from aace.cli import main as cli_main
 from aace.config import profile_config
 from aace.data import train_validation_split
@@ -56,11 +56,11 @@ def smoke_study(tmp_path_factory):
 
 def test_smoke_study_runs_in_two_workers_exports_and_passes_its_integrity_check(smoke_study):
     runs_dir, export_dir = smoke_study
-    meta, runs = study.load_export(export_dir)
+    meta, runs = results.load_export(export_dir)
     plan = study.PLANS["smoke"]
     n_tuning = sum(len(r) for r in plan.rhos.values()) * len(plan.tuning_seeds)
     assert len(runs) == n_tuning + (1 + len(study.TUNED_ARMS)) * len(plan.final_seeds)
-    assert study.check_export(export_dir) == []
+    assert results.check_export(export_dir) == []
     assert meta["aace_version"] and meta["git_commit"] and meta["command"].startswith("python -m aace study")
     assert meta["invocations"][0]["workers"] == 2
     assert all(r.metrics["val_acc"].notna().all() for r in runs)
@@ -85,14 +85,14 @@ def test_integrity_check_finds_a_missing_run_and_a_changed_config(smoke_study, t
     meta = json.loads((broken / "study.json").read_text())
     victim = meta["runs"].pop(0)
     (broken / "study.json").write_text(json.dumps(meta))
-    assert any("missing from the export" in p for p in study.check_export(broken))
+    assert any("missing from the export" in p for p in results.check_export(broken))
     shutil.rmtree(broken)
     shutil.copytree(export_dir, broken)
     config_file = broken / "runs" / victim / "config.json"
     info = json.loads(config_file.read_text())
     info["config"]["lr"] = 0.5
     config_file.write_text(json.dumps(info))
-    assert any("hashes to" in p for p in study.check_export(broken))
+    assert any("hashes to" in p for p in results.check_export(broken))
 
 
 def test_print_commands_gives_one_train_command_per_run_that_trains_that_config(smoke_study, capsys, tmp_path):
