@@ -162,18 +162,19 @@ class RunConfig:
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
 
-    def run_hash(self, device_type: str, cpu_threads: int | None = None) -> str:
+    def run_hash(self, device_type: str, cpu_threads: int | None = None, version: str | None = None) -> str:
         """Short hash of every setting that changes the numbers, the device and the code's version.
 
         Settings at their default value are left out, so that adding an option to RunConfig later does
         not orphan the runs already stored (a changed default must come with a new ``aace.__version__``).
         On the CPU the thread count counts too: threads split the float sums differently, so 1 and 2
         threads give different numbers in the last bits (``threads`` itself is only a request).
+        ``version``: the hash as another aace version computed it (to check an export made by that version).
         """
         from . import __version__
         defaults = {f.name: f.default for f in fields(self)}
         items = {k: v for k, v in self.to_dict().items() if k not in NOT_IN_HASH and v != defaults[k]}
-        items["device"], items["aace_version"] = device_type, __version__
+        items["device"], items["aace_version"] = device_type, version or __version__
         if device_type == "cpu":
             if not (isinstance(cpu_threads, int) and cpu_threads >= 1):
                 raise ValueError(f"run_hash: a CPU run's hash needs its thread count, got cpu_threads={cpu_threads!r}")

@@ -9,7 +9,6 @@ import subprocess
 import time
 from pathlib import Path
 
-from .config import RunConfig
 from .study import ALL_ARMS, Plan, _utc, arm_key, choose_rhos, final_configs, tuning_configs
 
 
@@ -78,7 +77,7 @@ def check_export(directory) -> list[str]:
     for r in runs:
         env = r.info["environment"]
         device = "cuda" if env.get("device", "").startswith("cuda") else "cpu"
-        expected = _hash_at_version(r.config, device, study["aace_version"], env.get("threads"))
+        expected = r.config.run_hash(device, env.get("threads") if device == "cpu" else None, study["aace_version"])
         stored = r.path.name.split("-")[-1]
         if expected != stored:
             problems.append(f"{r.path.name}: its config hashes to {expected}, not {stored}")
@@ -95,17 +94,6 @@ def check_export(directory) -> list[str]:
     if chosen != recorded:
         problems.append(f"the chosen rhos {recorded} do not follow from the tuning runs, which choose {chosen}")
     return problems
-
-
-def _hash_at_version(config: RunConfig, device: str, version: str, threads) -> str:
-    """The run hash as the aace version that made the export computed it."""
-    import aace
-    current = aace.__version__
-    aace.__version__ = version
-    try:
-        return config.run_hash(device, threads if device == "cpu" else None)
-    finally:
-        aace.__version__ = current
 
 
 # ----------------------------------------------------------------------------- what the book shows

@@ -110,11 +110,6 @@ def choose_rhos(plan: Plan, runs) -> dict:
 
 # ----------------------------------------------------------------------------- the worker pool
 
-def _worker_init(threads: int) -> None:
-    import torch
-    torch.set_num_threads(threads)
-
-
 def _train_one(config_dict: dict, runs_dir: str) -> str:
     from .train import run
     return str(run(RunConfig(**config_dict), runs_dir, progress=False).path)
@@ -127,10 +122,9 @@ def run_pool(configs: list[RunConfig], runs_dir, workers: int = 1, deadline: flo
     from .store import load_run
     if not (isinstance(workers, int) and workers >= 1):
         raise ValueError(f"--workers: expected an integer >= 1, got {workers!r}")
-    threads = max(1, (os.cpu_count() or 1) // workers)  # for the work outside the runs' own thread setting
     pending, runs, started = list(configs), [], time.time()
     context = multiprocessing.get_context("spawn")  # CUDA cannot be forked
-    with cf.ProcessPoolExecutor(workers, mp_context=context, initializer=_worker_init, initargs=(threads,)) as pool:
+    with cf.ProcessPoolExecutor(workers, mp_context=context) as pool:
         running = {}
         while pending or running:
             while pending and len(running) < workers and (deadline is None or time.time() < deadline):

@@ -83,3 +83,13 @@ def test_config_without_val_subset_keeps_its_hash():
     """Adding val_subset (default None) must not orphan the runs stored before it existed."""
     assert RunConfig(method="sam").run_hash("cuda") == RunConfig(method="sam", val_subset=None).run_hash("cuda")
     assert RunConfig(method="sam").run_hash("cuda") != RunConfig(method="sam", val_subset=100).run_hash("cuda")
+
+
+def test_hash_at_another_version_is_what_that_version_computed(monkeypatch):
+    config = RunConfig(method="aace", rho=0.1)
+    at_current = config.run_hash("cuda")
+    monkeypatch.setattr(aace, "__version__", "9.9.9")
+    assert config.run_hash("cuda") != at_current
+    assert config.run_hash("cuda", version=aace.__version__) == config.run_hash("cuda")
+    monkeypatch.undo()
+    assert config.run_hash("cuda", version="9.9.9") != at_current
