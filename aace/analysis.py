@@ -69,13 +69,15 @@ def _dataset(name: str, data_root: str | None):
 
 def fixed_batch(run, size: int = 512, seed: int = 0, split: str = "train"):
     """A fixed, stratified batch of a run's training (or test) data, normalised, without augmentation."""
-    from .data import BatchLoader, mean_std, spec, stratified_subset
+    from .data import BatchLoader, mean_std, spec, stratified_subset, train_validation_split
     c = run.config
     train, test = _dataset(c.dataset, c.data_root)
     dspec = spec(c.dataset)
     mean, std = mean_std(dspec, train)
-    if c.train_subset:
-        train = train.subset(stratified_subset(train.labels, c.train_subset, c.subset_seed))
+    if c.val_subset:  # the run's own training images, as prepare_data drew them
+        train = train.subset(train_validation_split(train.labels, c.train_subset, c.val_subset, c.data_seed)[0])
+    elif c.train_subset:
+        train = train.subset(stratified_subset(train.labels, c.train_subset, c.data_seed))
     data = train if split == "train" else test
     data = data.subset(stratified_subset(data.labels, min(size, len(data)), seed))
     return next(BatchLoader(data, dspec, mean, std, len(data), train=False).epoch(0))

@@ -9,7 +9,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 NOTEBOOK_DIR = ROOT / "notebooks"
 # In reading order; each becomes a page of the book.
-NOTEBOOKS = ["aace_loss", "convergence", "table2", "table3", "ablations", "claims", "label_noise", "performance",
+NOTEBOOKS = ["intro", "aace_loss", "comparison", "convergence", "table2", "table3", "ablations", "claims", "label_noise", "performance",
              "own_training_loop"]
 
 

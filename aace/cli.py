@@ -66,7 +66,7 @@ def main(argv: list[str] | None = None) -> int:
     _add_config_options(train)
 
     study = sub.add_parser("study", help="the tuned comparison: rho grid on a validation split, then fresh seeds")
-    study.add_argument("--profile", default="gpu", choices=("gpu", "smoke"))
+    study.add_argument("--profile", default="gpu", choices=("gpu", "cpu", "smoke"))
     study.add_argument("--runs-dir", default=None)
     study.add_argument("--workers", type=int, default=1, help="runs at once (processes sharing the device)")
     study.add_argument("--stop-after", type=float, default=None, metavar="MINUTES",

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import math
+import os
 from dataclasses import dataclass
 
 from .config import RunConfig, profile_config
@@ -39,8 +40,10 @@ NOISE_ARMS = {"sam": MAIN_ARMS["sam"], "aace": MAIN_ARMS["aace"], **{
 # Its setting on top of the profile. On 2 CPU cores 3 seeds x 3 noise levels x 4 arms at the full 'cpu'
 # profile would take about 30 minutes, as long as the rest of the book; the chapter trains 128 images for
 # 120 steps (batch 32) instead: enough for SAM to fit 40 % noisy labels completely, in about 7 s a run.
-NOISE_SETTING = {"paper": {}, "cpu": dict(train_subset=128, batch_size=32, epochs=30, test_subset=250),
-                 "smoke": dict(epochs=2)}
+# No validation split (nothing is tuned here) and a test score every epoch (the drop from the best epoch).
+NOISE_SETTING = {"paper": {}, "cpu": dict(train_subset=128, batch_size=32, epochs=30, test_subset=250, val_subset=None,
+                                          eval_every=1, final_full_test=False),
+                 "smoke": dict(epochs=2, val_subset=None)}
 
 
 def check_choice(name: str, value, allowed) -> None:
@@ -67,26 +70,55 @@ def configs(profile: str, arms: list[Arm], seeds: list[int], **overrides) -> dic
             for arm in arms}
 
 
-def ensure(grid: dict[Arm, list[RunConfig]], runs_dir=None) -> dict[Arm, list[Run]]:
+def ensure(grid: dict[Arm, list[RunConfig]], runs_dir=None, workers: int | None = None) -> dict[Arm, list[Run]]:
     """Train whatever the store does not hold yet; return the runs arm by arm.
 
-    Progress bars go to the controlling terminal (/dev/tty) when there is one, e.g. that of
+    Missing single-threaded CPU runs (the ``cpu`` and ``smoke`` profiles) train ``workers`` at a time (default:
+    one per core) through the study's worker pool; others one after another in this process.
+    Progress goes to the controlling terminal (/dev/tty) when there is one, e.g. that of
     ``python -m aace book``: never into the notebook, whose outputs must stay free of timings.
     """
+    from .study import run_pool
+    from .train import is_stored, resolve_device
     try:
         terminal = open("/dev/tty", "w")
     except OSError:  # no terminal (CI, a detached job): no bars
         terminal = None
     try:
+        missing = [c for cfgs in grid.values() for c in cfgs if not is_stored(c, runs_dir)]
+        workers = workers or len(os.sched_getaffinity(0))
+        pooled = [c for c in missing if c.threads == 1 and resolve_device(c.device).type == "cpu"]
+        if len(pooled) > 1 and workers > 1:
+            def log(line):
+                if terminal is not None:
+                    print(line, file=terminal, flush=True)
+            run_pool(pooled, runs_dir, min(workers, len(pooled)), log=log)
         return {arm: [run(c, runs_dir, progress=terminal or False) for c in cfgs] for arm, cfgs in grid.items()}
     finally:
         if terminal is not None:
             terminal.close()
 
 
+# The final test accuracy a comparison reports: on the whole test set where the run scored it there
+# (RunConfig.final_full_test), else the last epoch's (on the run's test subset, if it has one).
+FINAL_TEST = "final_test_acc"
+
+
+def final_value(run_: Run, column: str) -> float:
+    """A run's final value of a metric: the last epoch's, or ``FINAL_TEST`` (see there)."""
+    if column == FINAL_TEST:
+        return float(run_.summary.get("full_test_acc", run_.metrics["test_acc"].iloc[-1]))
+    return float(run_.metrics[column].iloc[-1])
+
+
+def final_test_size(run_: Run) -> int:
+    """How many test images ``FINAL_TEST`` was measured on."""
+    return int(run_.summary.get("full_test_size", run_.info.get("test_size", 0)))
+
+
 def final(runs: list[Run], column: str) -> list[float]:
-    """The last epoch's value of a metric for each finished run (diverged runs are left out)."""
-    return [float(r.metrics[column].iloc[-1]) for r in runs if r.finished]
+    """The final value of a metric for each finished run (diverged runs are left out)."""
+    return [final_value(r, column) for r in runs if r.finished]
 
 
 def format_spread(s: dict, scale: float = 100.0, digits: int = 2) -> str:
@@ -112,7 +144,7 @@ def format_runs(runs: list[Run], column: str = "test_acc", scale: float = 100.0,
 def paired_difference(a: list[Run], b: list[Run], column: str = "test_acc") -> dict:
     """Mean of (b - a) over seeds present and finished in both, with a paired 95 % t-interval."""
     by_seed_a = {r.config.seed: r for r in a if r.finished}
-    diffs = [float(r.metrics[column].iloc[-1]) - float(by_seed_a[r.config.seed].metrics[column].iloc[-1])
+    diffs = [final_value(r, column) - final_value(by_seed_a[r.config.seed], column)
              for r in b if r.finished and r.config.seed in by_seed_a]
     return spread(diffs)
 
@@ -158,8 +190,9 @@ TABLES = {
 
 
 def table(page: str, profile: str, datasets=None, methods=("sgd", "sam", "aace"), seeds=None, model=None,
-          overrides=None, runs_dir=None):
-    """Train (or read) every dataset x method cell of Table 2 or 3; returns (runs, our table)."""
+          overrides=None, runs_dir=None, rhos=None):
+    """Train (or read) every dataset x method cell of Table 2 or 3; returns (runs, our table).
+    ``rhos``: {method: rho} to run SAM and SAM+AACE with (default: each method's own default)."""
     import pandas as pd
     if page not in TABLES:
         raise ValueError(f"page must be one of {list(TABLES)}, got {page!r}")
@@ -175,14 +208,16 @@ def table(page: str, profile: str, datasets=None, methods=("sgd", "sam", "aace")
     settings = {**defaults, **({"model": model} if model else {}), **(overrides or {})}
     runs, rows = {}, {}
     for dataset in datasets:
-        grid = configs(profile, [MAIN_ARMS[m] for m in methods], seeds, **{**settings, "dataset": dataset})
+        arms = [Arm.of(MAIN_ARMS[m].name, **dict(MAIN_ARMS[m].settings), **({"rho": rhos[m]} if rhos and rhos.get(m)
+                                                                          is not None else {})) for m in methods]
+        grid = configs(profile, arms, seeds, **{**settings, "dataset": dataset})
         done = ensure(grid, runs_dir)
         runs[dataset] = {arm.name: rs for arm, rs in done.items()}
         for arm, rs in done.items():
-            rows.setdefault(dataset, {})[arm.name] = format_runs(rs, "test_acc")
+            rows.setdefault(dataset, {})[arm.name] = format_runs(rs, FINAL_TEST)
         by_name = {arm.name: rs for arm, rs in done.items()}
         if "SAM" in by_name and "SAM+AACE" in by_name:
-            d = paired_difference(by_name["SAM"], by_name["SAM+AACE"], "test_acc")
+            d = paired_difference(by_name["SAM"], by_name["SAM+AACE"], FINAL_TEST)
             rows[dataset]["SAM+AACE − SAM (paired)"] = (
                 f"{100 * d['mean']:+.2f}" + (f" (95% CI ± {100 * d['ci95']:.2f}, n={d['n']})" if d["n"] > 1 else
                                              f" (n={d['n']})"))
@@ -190,21 +225,25 @@ def table(page: str, profile: str, datasets=None, methods=("sgd", "sam", "aace")
 
 
 def table_finding(runs: dict) -> str:
-    """A table page's finding: per dataset, SAM+AACE against SAM (paired), and what the comparison could see."""
+    """A table page's finding: per dataset, SAM+AACE against SAM (paired), what the comparison could see, and
+    a verdict Holm-corrected over the page's datasets."""
+    from .results import EQUIVALENCE_MARGIN
+    from .stats import comparison_verdict, holm, p_value
+    diffs = {dataset: paired_difference(by_name["SAM"], by_name["SAM+AACE"], FINAL_TEST)
+             for dataset, by_name in runs.items() if "SAM" in by_name and "SAM+AACE" in by_name}
+    adjusted = dict(zip(diffs, holm([p_value(d) for d in diffs.values()])))
     parts = []
-    for dataset, by_name in runs.items():
-        if "SAM" not in by_name or "SAM+AACE" not in by_name:
-            continue
-        d = paired_difference(by_name["SAM"], by_name["SAM+AACE"], "test_acc")
+    for dataset, d in diffs.items():
         if d["n"] < 2:
             parts.append(f"on {dataset}, SAM+AACE minus SAM is {100 * d['mean']:+.2f} points of test accuracy from "
                          f"{d['n']} seed: too few to tell a difference from noise")
         else:
             parts.append(f"on {dataset}, SAM+AACE minus SAM is {100 * d['mean']:+.2f} points of test accuracy "
-                         f"(95 % CI ± {100 * d['ci95']:.2f}, {d['n']} paired seeds; differences below "
-                         f"{100 * minimum_detectable_effect(d):.1f} points are not detectable here): "
-                         f"{verdict(d)}")
-    return ("**Finding:** " + "; ".join(parts) + ".") if parts else ""
+                         f"(95 % CI ± {100 * d['ci95']:.2f}, {d['n']} paired seeds, minimum detectable effect "
+                         f"{100 * minimum_detectable_effect(d):.1f} points): "
+                         f"{comparison_verdict(d, adjusted[dataset], EQUIVALENCE_MARGIN)}")
+    note = f" (Holm-corrected over {len(diffs)} datasets)" if len(diffs) > 1 else ""
+    return ("**Finding" + note + ":** " + "; ".join(parts) + ".") if parts else ""
 
 
 def setting_text(runs: dict, profile: str) -> str:
@@ -214,8 +253,10 @@ def setting_text(runs: dict, profile: str) -> str:
         first = next(iter(by_name.values()))
         seeds = len(first)
         fit = ", ".join(f"{name} {100 * spread(final(rs, 'train_acc'))['mean']:.1f} %" for name, rs in by_name.items())
+        rhos = ", ".join(f"{name} {rs[0].config.rho:g}" for name, rs in by_name.items() if rs[0].config.method != "sgd")
         lines.append(f"**{dataset}** (profile `{profile}`): {describe(first[0].config)}; "
-                     f"{seeds} seed{'s' if seeds > 1 else ''} per cell; final training accuracy {fit} "
+                     f"{seeds} seed{'s' if seeds > 1 else ''} per cell; rho {rhos}; test accuracy on "
+                     f"{final_test_size(first[0]):,} test images; final training accuracy {fit} "
                      f"(how far each method trained)")
     return "  \n".join(lines)
 
@@ -262,7 +303,7 @@ def summary_row(runs: list[Run]) -> dict:
     return {
         "method": runs[0].config.label(),
         "train accuracy %": format_runs(runs, "train_acc"),
-        "test accuracy %": format_runs(runs, "test_acc"),
+        "test accuracy %": format_runs(runs, FINAL_TEST),
         "‖e‖, last quarter": format_spread(last_quarter(runs, "perturbation_norm"), 1, 3),
         "cos(e_t, e_t-1), last quarter": format_spread(last_quarter(runs, "perturbation_cosine"), 1, 3),
     }

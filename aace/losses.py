@@ -108,14 +108,29 @@ def aace_loss(logits: torch.Tensor, target: torch.Tensor, mode: str = "ada", thr
     return _reduce(per_sample, reduction)
 
 
+SMOOTHING_FORMS = ("torch", "authors")
+
+
 def cross_entropy(logits: torch.Tensor, target: torch.Tensor, label_smoothing: float = 0.0,
-                  reduction: str = "mean", check_labels: bool = True) -> torch.Tensor:
-    """Cross-entropy with optional label smoothing (torch's own), computed in float32."""
+                  reduction: str = "mean", check_labels: bool = True, smoothing_form: str = "torch") -> torch.Tensor:
+    """Cross-entropy with optional label smoothing, computed in float32.
+
+    ``smoothing_form="torch"``: torch's, eps / K on every class (the true class 1 - eps + eps / K).
+    ``smoothing_form="authors"``: the AACE authors' (davda54's ``smooth_crossentropy``), 1 - eps on the true
+    class and eps / (K - 1) on each other class. The two agree at eps = 0.
+    """
     _check_inputs(logits, target, reduction, check_labels)
     if not 0.0 <= label_smoothing < 1.0:
         raise ValueError(f"label_smoothing must lie in [0, 1), got {label_smoothing!r}")
-    return F.cross_entropy(_upcast(logits), target.long(), label_smoothing=label_smoothing,
-                           reduction=reduction)
+    if smoothing_form not in SMOOTHING_FORMS:
+        raise ValueError(f"smoothing_form must be one of {SMOOTHING_FORMS}, got {smoothing_form!r}")
+    z = _upcast(logits)
+    if smoothing_form == "torch" or label_smoothing == 0.0:
+        return F.cross_entropy(z, target.long(), label_smoothing=label_smoothing, reduction=reduction)
+    log_p = torch.log_softmax(z, dim=1)
+    t = torch.full_like(log_p, label_smoothing / (z.shape[1] - 1))
+    t.scatter_(1, target.long()[:, None], 1.0 - label_smoothing)
+    return _reduce(-(t * log_p).sum(dim=1), reduction)
 
 
 class AACELoss(nn.Module):

@@ -58,6 +58,8 @@ def curves(runs_by_name: dict, columns: list[str], x: str = "epoch", table: str 
                 kernel = np.ones(smooth) / smooth
                 values = np.stack([np.convolve(v, kernel, mode="valid") for v in values])
             xs = frames[0][x].to_numpy()[:length][-values.shape[1]:]
+            scored = ~np.isnan(values).all(axis=0)  # epochs a run did not evaluate (eval_every) are left out
+            xs, values = xs[scored], values[:, scored]
             mean = np.nanmean(values, axis=0)
             label = f"{name}" + (f" (n={len(frames)})" if len(frames) > 1 else "")
             line, = ax.plot(xs, mean, label=label, color=color_for(name))
@@ -149,4 +151,28 @@ def differences(runs_by_x: dict, baseline: str, column: str, xlabel: str, ylabel
     ax.grid(alpha=0.3)
     ax.legend(frameon=False, fontsize=8)
     fig.tight_layout()
+    return fig
+
+
+def tuning(frame, chosen: dict):
+    """The tuning curves: final validation and training accuracy against rho, one line per arm (mean over the
+    tuning seeds, each seed a dot), the chosen rho circled. ``frame``: ``Comparison.tuning_frame()``;
+    ``chosen``: {arm name: rho}."""
+    fig, axes = plt.subplots(1, 2, figsize=(9.6, 3.5))
+    handles = {}
+    for ax, column in zip(axes, ("val_acc", "train_acc")):
+        for name, part in frame.groupby("arm", sort=False):
+            mean = 100 * part.groupby("rho")[column].mean()
+            line, = ax.plot(mean.index, mean.to_numpy(), marker="o", color=color_for(name))
+            ax.scatter(part["rho"], 100 * part[column], s=10, color=color_for(name), alpha=0.5)
+            if name in chosen:
+                ax.scatter([chosen[name]], [mean[chosen[name]]], s=160, facecolors="none", edgecolors=color_for(name),
+                           linewidths=2)
+            handles.setdefault(name, line)
+        ax.set_xscale("log")
+        ax.set_xlabel("rho")
+        ax.set_title(LABELS[column].replace("(%)", "(%), final epoch"), fontsize=10)
+        ax.grid(alpha=0.3)
+    _legend(fig, handles)
+    fig.tight_layout(rect=(0, 0.08, 1, 1))
     return fig

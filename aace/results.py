@@ -66,6 +66,13 @@ def load_export(directory):
     return study, [load_run(directory / "runs" / name, with_steps=False) for name in study["runs"]]
 
 
+def plan_of(study: dict) -> Plan:
+    """The Plan a study record (or study.json) was run with."""
+    p = study["plan"]
+    return Plan(p["profile"], {k: tuple(v) for k, v in p["rhos"].items()}, tuple(p["tuning_seeds"]),
+                tuple(p["final_seeds"]), p["settings"], tuple(p.get("final_arms", ALL_ARMS)))
+
+
 def check_export(directory) -> list[str]:
     """What is wrong with an export (empty when nothing is): every run's config must rebuild the hash in its
     folder name on the device it ran on, every run of the study's grid must be there, and the chosen rhos
@@ -81,8 +88,7 @@ def check_export(directory) -> list[str]:
         stored = r.path.name.split("-")[-1]
         if expected != stored:
             problems.append(f"{r.path.name}: its config hashes to {expected}, not {stored}")
-    plan = Plan(study["plan"]["profile"], {k: tuple(v) for k, v in study["plan"]["rhos"].items()},
-                tuple(study["plan"]["tuning_seeds"]), tuple(study["plan"]["final_seeds"]), study["plan"]["settings"])
+    plan = plan_of(study)
     recorded = {k: v["rho"] for k, v in study["chosen"].items()}
     expected = tuning_configs(plan, **study["overrides"]) + final_configs(plan, recorded, **study["overrides"])
     have = {json.dumps(r.config.to_dict(), sort_keys=True) for r in runs}
@@ -124,23 +130,29 @@ def final_runs(study: dict, runs) -> dict:
 
 
 def verdicts(study: dict, runs, margin: float = EQUIVALENCE_MARGIN):
-    """(arms table, comparisons table) of a study's final runs: final test accuracy per arm; per comparison
-    the paired effect, its 95 % interval, the minimum detectable effect, the Holm-adjusted p and a verdict."""
+    """``verdict_tables`` of a study's final runs at its chosen rhos."""
+    return verdict_tables(final_runs(study, runs), margin)
+
+
+def verdict_tables(finals: dict, margin: float = EQUIVALENCE_MARGIN):
+    """(arms table, comparisons table) of {arm key: final runs}: final test accuracy per arm; per comparison
+    (those of ``COMPARISONS`` whose arms ran) the paired effect, its 95 % interval, the minimum detectable
+    effect, the Holm-adjusted p and a verdict."""
     import pandas as pd
 
     from . import experiments as ex, stats
-    finals = final_runs(study, runs)
-    arms = pd.DataFrame([{"arm": ALL_ARMS[k].name, "rho": "-" if k == "sgd" else f"{study['chosen'][k]['rho']:g}",
-                          "test accuracy %": ex.format_runs(rs, "test_acc"),
+    arms = pd.DataFrame([{"arm": ALL_ARMS[k].name, "rho": "-" if k == "sgd" else f"{rs[0].config.rho:g}",
+                          "test accuracy %": ex.format_runs(rs, ex.FINAL_TEST),
                           "training accuracy %": ex.format_runs(rs, "train_acc")}
                          for k, rs in finals.items()]).set_index("arm")
-    diffs = [ex.paired_difference(finals[b], finals[a], "test_acc") for a, b in COMPARISONS]
+    pairs = [(a, b) for a, b in COMPARISONS if a in finals and b in finals]
+    diffs = [ex.paired_difference(finals[b], finals[a], ex.FINAL_TEST) for a, b in pairs]
     adjusted = stats.holm([stats.p_value(d) for d in diffs])
     rows = [{"comparison": f"{ALL_ARMS[a].name} − {ALL_ARMS[b].name}", "effect (points)": f"{100 * d['mean']:+.2f}",
              "95 % CI": f"± {100 * d['ci95']:.2f}", "n (paired seeds)": d["n"],
              "minimum detectable effect (80 % power)": f"{100 * stats.minimum_detectable_effect(d):.2f}",
              "Holm-adjusted p": f"{p:.2g}", "verdict": stats.comparison_verdict(d, p, margin)}
-            for (a, b), d, p in zip(COMPARISONS, diffs, adjusted)]
+            for (a, b), d, p in zip(pairs, diffs, adjusted)]
     return arms, pd.DataFrame(rows).set_index("comparison")
 
 

@@ -35,12 +35,14 @@ ALL_ARMS = {**BASELINE_ARMS, **TUNED_ARMS}
 
 @dataclass(frozen=True)
 class Plan:
-    """A study: the rho grid of each tuned arm, the tuning and the final seeds, settings over the profile."""
+    """A study: the rho grid of each tuned arm, the tuning and the final seeds, settings over the profile, and
+    the arms of the final comparison (every arm by default)."""
     profile: str
     rhos: dict
     tuning_seeds: tuple
     final_seeds: tuple
     settings: dict = field(default_factory=dict)
+    final_arms: tuple = tuple(ALL_ARMS)
 
 
 PLANS = {
@@ -49,10 +51,16 @@ PLANS = {
     "gpu": Plan("gpu", rhos={"sam": (0.02, 0.05, 0.1, 0.2, 0.5), "aace": (0.01, 0.02, 0.05, 0.1, 0.2),
                              "aace_normalised": (0.02, 0.05, 0.1, 0.2, 0.5)},
                 tuning_seeds=(100, 101), final_seeds=tuple(range(8))),
-    # The same machinery in seconds, for the tests and for trying the commands.
+    # The book's own comparison on 2 CPU cores (about 30 minutes): 4 rhos per arm on 2 seeds, then 8 fresh seeds
+    # of SGD, SAM and SAM+AACE. The normalised AACE step is tuned beside them (direction against step length)
+    # but not carried into the final comparison, which would cost 8 more runs.
+    "cpu": Plan("cpu", rhos={"sam": (0.02, 0.05, 0.2, 0.5), "aace": (0.02, 0.05, 0.1, 0.2),
+                             "aace_normalised": (0.02, 0.05, 0.2, 0.5)},
+                tuning_seeds=(100, 101), final_seeds=tuple(range(8)), final_arms=("sgd", "sam", "aace")),
+    # The same machinery in seconds, for the tests and for trying the commands (the smoke profile as it is, so
+    # that the pages' smoke runs are the study's).
     "smoke": Plan("smoke", rhos={"sam": (0.05, 0.2), "aace": (0.05, 0.2), "aace_normalised": (0.05, 0.2)},
-                  tuning_seeds=(100,), final_seeds=(0, 1),
-                  settings=dict(epochs=1, train_subset=256, val_subset=128, test_subset=256)),
+                  tuning_seeds=(100,), final_seeds=(0, 1)),
 }
 
 
@@ -75,8 +83,8 @@ def tuning_configs(plan: Plan, **overrides) -> list[RunConfig]:
 
 
 def final_configs(plan: Plan, chosen: dict | None, **overrides) -> list[RunConfig]:
-    """SGD's final runs, and the tuned arms' at their chosen rho once ``chosen`` ({key: rho}) is known."""
-    keys = list(BASELINE_ARMS) + (list(TUNED_ARMS) if chosen else [])
+    """The baseline's final runs, and the tuned arms' at their chosen rho once ``chosen`` ({key: rho}) is known."""
+    keys = [k for k in plan.final_arms if k in BASELINE_ARMS or (chosen and k in TUNED_ARMS)]
     return [arm_config(plan, key, seed, (chosen or {}).get(key), **overrides) for key in keys
             for seed in plan.final_seeds]
 
@@ -122,7 +130,14 @@ def run_pool(configs: list[RunConfig], runs_dir, workers: int = 1, deadline: flo
     from .store import load_run
     if not (isinstance(workers, int) and workers >= 1):
         raise ValueError(f"--workers: expected an integer >= 1, got {workers!r}")
-    pending, runs, started = list(configs), [], time.time()
+    from .store import default_runs_dir
+    from .train import is_stored, run
+    runs_dir = Path(runs_dir or default_runs_dir()).resolve()  # the workers get the same store whatever their cwd
+    # What the store holds is read here; only the rest goes to the pool (no processes start when nothing trains).
+    runs = [run(c, runs_dir, progress=False) for c in configs if is_stored(c, runs_dir)]
+    pending, started = [c for c in configs if not is_stored(c, runs_dir)], time.time()
+    if not pending:
+        return runs, True
     context = multiprocessing.get_context("spawn")  # CUDA cannot be forked
     with cf.ProcessPoolExecutor(workers, mp_context=context) as pool:
         running = {}
@@ -183,20 +198,25 @@ class GPUSampler:
 # ----------------------------------------------------------------------------- the study, its commands, its export
 
 def run_study(profile: str, runs_dir=None, workers: int = 1, stop_after: float | None = None, log=print,
-              **overrides) -> dict:
+              plan: Plan | None = None, **overrides) -> dict:
     """Tuning grid and SGD first, then the tuned arms' final seeds at their chosen rhos. Returns the study's
-    record (what ``export`` writes as study.json), with ``complete`` False when ``stop_after`` seconds ran out."""
+    record (what ``export`` writes as study.json), with ``complete`` False when ``stop_after`` seconds ran out.
+    ``plan``: another plan than the profile's (other seeds, say)."""
     from .store import default_runs_dir
-    plan = plan_for(profile)
+    plan = plan or plan_for(profile)
     runs_dir = Path(runs_dir or default_runs_dir())
     runs_dir.mkdir(parents=True, exist_ok=True)
-    # Each worker gets its share of the cores, set in the configs: on the CPU the thread count is part of a
-    # run's hash, so that any process (this one, a later invocation) finds the runs again.
-    overrides.setdefault("threads", max(1, (os.cpu_count() or 1) // workers))
+    # Each worker gets its share of the cores, set in the configs (unless the profile fixes it): on the CPU the
+    # thread count is part of a run's hash, so that any process (this one, a later invocation) finds the runs.
+    if profile_config(profile).threads is None:
+        overrides.setdefault("threads", max(1, (os.cpu_count() or 1) // workers))
     start = time.time()
     deadline = None if stop_after is None else start + stop_after
+    from .train import is_stored
+    trained = 0  # an invocation that only reads the store leaves no record (the store may be read-only)
     with GPUSampler() as sampler:
         first = tuning_configs(plan, **overrides) + final_configs(plan, None, **overrides)
+        trained += sum(not is_stored(c, runs_dir) for c in first)
         log(f"study {profile}: {len(first)} runs of tuning and SGD, {workers} at a time, store {runs_dir}")
         runs, complete = run_pool(first, runs_dir, workers, deadline, log)
         chosen = None
@@ -204,12 +224,14 @@ def run_study(profile: str, runs_dir=None, workers: int = 1, stop_after: float |
             chosen = choose_rhos(plan, runs)
             log("chosen rho: " + ", ".join(f"{k} {v['rho']:g} (val {100 * v['val_acc']:.2f} %)" for k, v in chosen.items()))
             rest = [c for c in final_configs(plan, {k: v["rho"] for k, v in chosen.items()}, **overrides)
-                    if c.method != "sgd"]
+                    if arm_key(c) not in BASELINE_ARMS]
+            trained += sum(not is_stored(c, runs_dir) for c in rest)
             more, complete = run_pool(rest, runs_dir, workers, deadline, log)
             runs += more
     wall = time.time() - start
-    history = _append_history(runs_dir, profile, {"started": _utc(start), "wall_seconds": wall, "workers": workers,
-                                                 "gpu": sampler.summary(), "complete": complete})
+    entry = {"started": _utc(start), "wall_seconds": wall, "workers": workers, "gpu": sampler.summary(),
+             "complete": complete, "runs_trained": trained}
+    history = _append_history(runs_dir, profile, entry) if trained else _read_history(runs_dir, profile) or [entry]
     log(f"study {profile}: {'complete' if complete else 'stopped at its time limit; run again to go on'} "
         f"after {wall:.0f} s ({sum(h['wall_seconds'] for h in history):.0f} s over {len(history)} invocation(s))")
     return {"profile": profile, "plan": _plan_record(plan), "overrides": overrides, "chosen": chosen,
@@ -222,16 +244,21 @@ def _utc(t: float) -> str:
 
 def _plan_record(plan: Plan) -> dict:
     return {"profile": plan.profile, "rhos": {k: list(v) for k, v in plan.rhos.items()},
-            "tuning_seeds": list(plan.tuning_seeds), "final_seeds": list(plan.final_seeds), "settings": plan.settings}
+            "tuning_seeds": list(plan.tuning_seeds), "final_seeds": list(plan.final_seeds), "settings": plan.settings,
+            "final_arms": list(plan.final_arms)}
+
+
+def _read_history(runs_dir: Path, profile: str) -> list:
+    try:
+        return json.loads((runs_dir / f"study-{profile}.json").read_text())
+    except (OSError, ValueError):
+        return []
 
 
 def _append_history(runs_dir: Path, profile: str, entry: dict) -> list:
     """Each invocation's wall time and GPU use, kept in the store, so that a resumed study adds them up."""
     path = runs_dir / f"study-{profile}.json"
-    try:
-        history = json.loads(path.read_text())
-    except (OSError, ValueError):
-        history = []
+    history = _read_history(runs_dir, profile)
     history.append(entry)
     tmp = path.with_suffix(".tmp")
     tmp.write_text(json.dumps(history, indent=2))

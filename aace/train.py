@@ -70,12 +70,13 @@ def prepare_data(config: RunConfig, device: torch.device):
     val = None
     if config.val_subset:
         train_idx, val_idx = train_validation_split(train.labels, config.train_subset, config.val_subset,
-                                                    config.subset_seed)
+                                                    config.data_seed)
         train, val = train.subset(train_idx), train.subset(val_idx)
     elif config.train_subset:
-        train = train.subset(stratified_subset(train.labels, config.train_subset, config.subset_seed))
+        train = train.subset(stratified_subset(train.labels, config.train_subset, config.data_seed))
+    full_test = test if config.final_full_test and config.test_subset else None
     if config.test_subset:
-        test = test.subset(stratified_subset(test.labels, config.test_subset, config.subset_seed))
+        test = test.subset(stratified_subset(test.labels, config.test_subset, config.data_seed))
     if config.label_noise:
         train = ArrayData(train.images, symmetric_label_noise(train.labels, config.label_noise, dspec.num_classes,
                                                               config.seed))
@@ -87,9 +88,10 @@ def prepare_data(config: RunConfig, device: torch.device):
     train_loader = BatchLoader(train, dspec, mean, std, config.batch_size, train=True, augment=config.augment,
                                seed=config.seed, device=device, channels_last=channels_last)
     test_loader = BatchLoader(test, dspec, mean, std, EVAL_BATCH, train=False, device=device, channels_last=channels_last)
-    val_loader = None if val is None else BatchLoader(val, dspec, mean, std, EVAL_BATCH, train=False, device=device,
-                                                      channels_last=channels_last)
-    return dspec, train_loader, test_loader, val_loader
+    val_loader, full_test_loader = (None if part is None else BatchLoader(
+        part, dspec, mean, std, EVAL_BATCH, train=False, device=device, channels_last=channels_last)
+        for part in (val, full_test))
+    return dspec, train_loader, test_loader, val_loader, full_test_loader
 
 
 def make_optimizer(config: RunConfig, model: torch.nn.Module):
@@ -213,6 +215,16 @@ def _first_non_finite(stats: torch.Tensor) -> tuple[int, str] | None:
     return min(bad) if bad else None
 
 
+def is_stored(config: RunConfig, runs_dir=None) -> bool:
+    """Whether the store holds this config's run, finished or diverged (``run`` would read it back)."""
+    path = store.run_dir(config, resolve_device(config.device), runs_dir)
+    try:
+        summary = store._read_json(path / "summary.json")
+    except (OSError, ValueError, store.CorruptRun):
+        return False
+    return (path / "config.json").is_file() and summary.get("status") in ("finished", "diverged")
+
+
 def run(config: RunConfig, runs_dir: str | os.PathLike | None = None, *, progress=True,
         restart: bool = False) -> store.Run:
     """Train ``config`` (or return its stored result) and return the run.
@@ -266,7 +278,7 @@ def _train(config: RunConfig, device: torch.device, run_dir, progress, world: di
         torch.backends.cudnn.benchmark = True
     main = world.main
     progress = progress if main else False
-    dspec, train_loader, test_loader, val_loader = prepare_data(config, device)
+    dspec, train_loader, test_loader, val_loader, full_test_loader = prepare_data(config, device)
     torch.manual_seed(config.seed)
     model = build_model(config.model, dspec.num_classes, dspec.channels, config.model_variant).to(device)
     model = model.to(memory_format=torch.channels_last)
@@ -317,12 +329,14 @@ def _train(config: RunConfig, device: torch.device, run_dir, progress, world: di
                 torch.distributed.broadcast(flag, 0)
                 if flag.item() and bad is None:
                     bad = (0, "loss on rank 0")
-            test_loss, test_acc = evaluate(model, test_loader)
+            # Evaluation costs a third of a small CPU run: eval_every thins it out; the last epoch always counts.
+            scored = (epoch + 1) % config.eval_every == 0 or epoch + 1 == config.epochs
+            test_loss, test_acc = evaluate(model, test_loader) if scored else (math.nan, math.nan)
             seconds = time.perf_counter() - start
             wall += seconds
             row = _epoch_row(epoch, stats, len(train_loader.labels), test_loss, test_acc, seconds)
             if val_loader is not None:  # after the epoch's timing: images/second counts training and test only
-                row["val_loss"], row["val_acc"] = evaluate(model, val_loader)
+                row["val_loss"], row["val_acc"] = evaluate(model, val_loader) if scored else (math.nan, math.nan)
             epoch_rows.append(row)
             step_stats.append(stats)
             if bad is not None:
@@ -351,11 +365,17 @@ def _train(config: RunConfig, device: torch.device, run_dir, progress, world: di
                                 test=f"{row['test_acc']:.3f}", img_s=f"{row['images_per_second']:.0f}")
         else:
             final = epoch_rows[-1]
+            if config.final_full_test:  # the final score on every test image; the curves keep the subset
+                loss, acc = evaluate(model, full_test_loader) if full_test_loader else (final["test_loss"],
+                                                                                        final["test_acc"])
+                final = {**final, "full_test_loss": loss, "full_test_acc": acc,
+                         "full_test_size": len((full_test_loader or test_loader).labels)}
             if main:
                 store.write_summary(run_dir, {
                     "status": "finished", "epochs": config.epochs, "wall_seconds": wall,
                     **{k: final[k] for k in ("train_acc", "test_acc", "test_loss", "ce_loss", "aace_loss", "train_loss",
-                                             "val_acc", "val_loss") if k in final},
+                                             "val_acc", "val_loss", "full_test_acc", "full_test_loss",
+                                             "full_test_size") if k in final},
                     "images_per_second": sum(r["images_per_second"] for r in epoch_rows) / len(epoch_rows)})
     except (KeyboardInterrupt, store.Terminated) as err:
         name = "SIGINT" if isinstance(err, KeyboardInterrupt) else "SIGTERM"

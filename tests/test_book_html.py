@@ -18,7 +18,7 @@ from aace.book import NOTEBOOKS as NOTEBOOK_PAGES
 
 ROOT = Path(__file__).resolve().parent.parent
 CHROMIUM, CHROMEDRIVER = shutil.which("chromium"), shutil.which("chromedriver")
-PAGES = ["intro", *NOTEBOOK_PAGES, "gpu"]
+PAGES = [*NOTEBOOK_PAGES, "gpu"]
 
 pytestmark = pytest.mark.skipif(not (CHROMIUM and CHROMEDRIVER),
                                 reason="needs Debian's chromium and chromium-driver (make test installs them)")

@@ -114,5 +114,57 @@ def test_print_commands_gives_one_train_command_per_run_that_trains_that_config(
 
 def test_study_usage_errors_name_the_option():
     with pytest.raises(SystemExit):
-        cli_main(["study", "--profile", "cpu"])
+        cli_main(["study", "--profile", "paper"])
     assert cli_main(["study", "--profile", "smoke", "--workers", "0"]) == 2
+
+
+def test_cpu_plan_follows_the_protocol_of_the_issue():
+    plan = study.PLANS["cpu"]
+    for key in ("sam", "aace", "aace_normalised"):
+        rhos = plan.rhos[key]
+        assert len(rhos) >= 4 and min(rhos) <= 0.05 and max(rhos) >= 0.2, key
+    assert len(plan.tuning_seeds) >= 2 and len(plan.final_seeds) >= 8
+    assert not set(plan.tuning_seeds) & set(plan.final_seeds)  # the final seeds are fresh
+    assert set(plan.final_arms) >= {"sgd", "sam", "aace"}
+    configs = study.tuning_configs(plan) + study.final_configs(plan, {"sam": 0.05, "aace": 0.05})
+    assert len(configs) == 4 * 3 * 2 + 3 * 8
+    for c in configs:  # one thread (found on any machine), a validation split, the whole test set at the end
+        assert c.threads == 1 and c.val_subset and c.final_full_test and c.subset_seed is None
+
+
+def test_main_comparison_reads_the_study_and_the_claims_table_has_every_claim(smoke_study):
+    from aace import claims, comparison
+    runs_dir, _ = smoke_study
+    history = (runs_dir / "study-smoke.json").read_text()
+    comp = comparison.main_comparison("smoke", runs_dir=runs_dir, workers=2)
+    assert (runs_dir / "study-smoke.json").read_text() == history  # reading trains nothing and records nothing
+    plan = study.PLANS["smoke"]
+    assert list(comp.runs) == [study.ALL_ARMS[k].name for k in plan.final_arms]
+    assert all(sorted(r.config.seed for r in rs) == list(plan.final_seeds) for rs in comp.runs.values())
+    for key in study.TUNED_ARMS:
+        assert {r.config.rho for r in comp.runs[study.ALL_ARMS[key].name]} == {comp.rho_of(key)}
+    assert len(comp.tuning_frame()) == len(study.tuning_configs(plan))
+    assert comp.tuning_table()["chosen"].tolist().count("◀") == len(study.TUNED_ARMS)
+    arms, verdicts = comp.verdicts()
+    assert len(verdicts) == 3 and verdicts["verdict"].str.len().gt(0).all()
+    table = claims.evaluate(comp)
+    assert len(table) == 5 and table.index[2].startswith("3a. Premise")
+    assert table["verdict"].str.len().gt(0).all()
+    with pytest.raises(ValueError, match="profile"):
+        comparison.main_comparison("gpu-typo")
+
+
+def test_ensure_trains_missing_single_thread_runs_in_a_pool_with_the_same_numbers(tmp_path, monkeypatch):
+    from aace import experiments as ex
+    from aace.train import run
+    arm = ex.Arm.of("SAM", method="sam")
+    grid = ex.configs("smoke", [arm], [0, 1], epochs=1, val_subset=None)
+    pooled = ex.ensure(grid, tmp_path / "pooled", workers=2)[arm]
+    alone = [run(c, tmp_path / "alone", progress=False) for c in grid[arm]]
+    assert [r.summary["test_acc"] for r in pooled] == [r.summary["test_acc"] for r in alone]
+    assert [r.metrics.train_loss.tolist() for r in pooled] == [r.metrics.train_loss.tolist() for r in alone]
+    # without a runs_dir the workers train into the default store ($AACE_RUNS), as the pages' runs do
+    monkeypatch.setenv("AACE_RUNS", str(tmp_path / "default"))
+    monkeypatch.chdir(tmp_path)
+    ex.ensure(grid, workers=2)
+    assert len(list((tmp_path / "default").glob("sam-*/summary.json"))) == 2 and not (tmp_path / "None").exists()

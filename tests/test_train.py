@@ -182,3 +182,42 @@ def test_each_pass_uses_the_named_loss_with_its_options(perturbation, update):
     assert torch.equal(perturbation_fn(logits, labels), expected_perturbation)
     aace_fn, _ = loss_functions(RunConfig(method="aace", aace_mode="const"))
     assert torch.equal(aace_fn(logits, labels), LOSSES["aace"](logits, labels, mode="const"))
+
+
+def test_final_full_test_scores_the_last_epoch_on_every_test_image(tmp_path):
+    result = run(smoke(final_full_test=True), tmp_path, progress=False)
+    s = result.summary
+    assert s["full_test_size"] == 10_000 and result.info["test_size"] == 100  # the curves keep their subset
+    assert 0.0 <= s["full_test_acc"] <= 1.0 and s["full_test_acc"] != s["test_acc"]
+    # without a test subset the last epoch already used every test image: no second evaluation
+    whole = run(smoke(method="sgd", epochs=1, test_subset=None, final_full_test=True), tmp_path, progress=False)
+    assert whole.summary["full_test_acc"] == whole.summary["test_acc"] and whole.summary["full_test_size"] == 10_000
+    from aace import experiments as ex
+    assert ex.final_value(result, ex.FINAL_TEST) == s["full_test_acc"] and ex.final_test_size(result) == 10_000
+    plain = run(smoke(method="sgd", epochs=1), tmp_path, progress=False)
+    assert ex.final_value(plain, ex.FINAL_TEST) == plain.summary["test_acc"] and ex.final_test_size(plain) == 100
+
+
+def test_eval_every_scores_every_kth_epoch_and_always_the_last(tmp_path):
+    result = run(smoke(epochs=5, eval_every=2, val_subset=50), tmp_path, progress=False)
+    m = result.metrics
+    scored = m.test_acc.notna().tolist()
+    assert scored == [False, True, False, True, True]
+    assert m.val_acc.notna().tolist() == scored and m.train_acc.notna().all()
+    assert result.summary["test_acc"] == m.test_acc.iloc[-1]
+
+
+def test_each_seed_draws_its_own_subsets_unless_subset_seed_is_given():
+    from aace.data import load_dataset, train_validation_split
+    train, _ = load_dataset("fashion_mnist")
+    a, b = (profile_config("smoke", seed=s) for s in (0, 1))
+    assert (a.data_seed, b.data_seed) == (0, 1)
+    split_a = train_validation_split(train.labels, a.train_subset, a.val_subset, a.data_seed)[0]
+    split_b = train_validation_split(train.labels, b.train_subset, b.val_subset, b.data_seed)[0]
+    assert not torch.equal(split_a, split_b)
+    assert profile_config("smoke", seed=1, subset_seed=0).data_seed == 0
+    assert profile_config("smoke", seed=5).replace(seed=7).data_seed == 7  # follows the seed through replace
+    with pytest.raises(ValueError, match="subset_seed"):
+        profile_config("smoke", subset_seed=-1)
+    with pytest.raises(ValueError, match="eval_every"):
+        profile_config("smoke", eval_every=0)

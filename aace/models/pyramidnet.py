@@ -81,7 +81,7 @@ class PyramidNet(nn.Module):
             elif isinstance(m, nn.BatchNorm2d):
                 nn.init.ones_(m.weight)
                 nn.init.zeros_(m.bias)
-            elif isinstance(m, nn.Linear):
+            elif isinstance(m, nn.Linear) and variant != "authors":  # theirs keeps torch's default bias
                 nn.init.zeros_(m.bias)
 
     def _stage(self, block, blocks: int, stride: int) -> nn.Sequential:

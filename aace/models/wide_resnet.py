@@ -46,9 +46,12 @@ class WideResNet(nn.Module):
         self.relu = nn.ReLU(inplace=True)
         self.authors_pool = variant == "authors"
         self.fc = nn.Linear(widths[3], num_classes)
+        # The authors' _initialize draws every convolution with Kaiming normal over fan_in; torchvision's
+        # ResNets (our standard variant) over fan_out.
+        fan = "fan_in" if variant == "authors" else "fan_out"
         for m in self.modules():
             if isinstance(m, nn.Conv2d):
-                nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
+                nn.init.kaiming_normal_(m.weight, mode=fan, nonlinearity="relu")
             elif isinstance(m, nn.BatchNorm2d):
                 nn.init.ones_(m.weight)
                 nn.init.zeros_(m.bias)

@@ -1,0 +1,116 @@
+"""The book's main comparison: SGD, SAM and SAM+AACE with rho tuned per method on a validation split (the
+profile's study plan, ``aace.study``), scored over fresh seeds; for a profile without a plan (``paper``), the
+authors' rhos. The convergence, Table 2, claims and introduction pages all read it from here.
+"""
+from __future__ import annotations
+
+import dataclasses
+import os
+from dataclasses import dataclass
+
+from . import experiments as ex
+from .study import ALL_ARMS, PLANS, TUNED_ARMS, arm_key, plan_for, run_study
+
+
+@dataclass
+class Comparison:
+    profile: str
+    runs: dict                 # arm name -> the final runs, by seed (SGD, SAM, SAM+AACE[, normalised])
+    study: dict | None = None  # the study's record (plan, chosen rhos, every run); None without a plan
+
+    @property
+    def tuned(self) -> bool:
+        return self.study is not None
+
+    def rho_of(self, key: str) -> float | None:
+        """The rho an arm ran with in the final comparison ('sam', 'aace', ...); None for SGD."""
+        if key not in TUNED_ARMS:
+            return None
+        if self.tuned:
+            return self.study["chosen"][key]["rho"]
+        name = ALL_ARMS[key].name
+        return self.runs[name][0].config.rho if name in self.runs else None
+
+    def tuning_frame(self):
+        """One row per tuning run: arm, rho, seed, final validation and training accuracy (empty untuned)."""
+        import pandas as pd
+        if not self.tuned:
+            return pd.DataFrame(columns=["arm", "rho", "seed", "val_acc", "train_acc"])
+        seeds = set(self.study["plan"]["tuning_seeds"])
+        rows = [{"arm": ALL_ARMS[arm_key(r.config)].name, "rho": r.config.rho, "seed": r.config.seed,
+                 "val_acc": r.summary.get("val_acc", float("nan")) if r.finished else float("nan"),
+                 "train_acc": r.summary.get("train_acc", float("nan")) if r.finished else float("nan")}
+                for r in self.study["runs"] if r.config.seed in seeds and arm_key(r.config) in TUNED_ARMS]
+        return pd.DataFrame(rows).sort_values(["arm", "rho", "seed"]).reset_index(drop=True)
+
+    def tuning_table(self):
+        """Per arm and rho: mean final validation and training accuracy (%) over the tuning seeds, and
+        which rho was chosen."""
+        frame = self.tuning_frame()
+        table = frame.groupby(["arm", "rho"])[["val_acc", "train_acc"]].mean() * 100
+        table.columns = ["validation accuracy %", "training accuracy %"]
+        chosen = {ALL_ARMS[k].name: v["rho"] for k, v in self.study["chosen"].items()} if self.tuned else {}
+        table["chosen"] = ["◀" if chosen.get(arm) == rho else "" for arm, rho in table.index]
+        return table.round(2)
+
+    def by_key(self) -> dict:
+        """{arm key ('sgd', 'sam', ...): final runs}."""
+        keys = {arm.name: key for key, arm in ALL_ARMS.items()}
+        return {keys[name]: rs for name, rs in self.runs.items()}
+
+    def verdicts(self):
+        """(arms table, comparisons table): see ``aace.results.verdict_tables``."""
+        from .results import verdict_tables
+        return verdict_tables(self.by_key())
+
+    def setting(self) -> str:
+        """What the comparison ran: data, model, schedule, seeds, rhos and how they were chosen."""
+        first = next(iter(self.runs.values()))[0]
+        c, seeds = first.config, sorted(r.config.seed for r in next(iter(self.runs.values())))
+        rhos = ", ".join(f"{name} {rs[0].config.rho:g}" for name, rs in self.runs.items() if rs[0].config.method != "sgd")
+        text = (f"{c.dataset}, {ex.describe(c)}; seeds {seeds}; final test accuracy on "
+                f"{ex.final_test_size(first):,} test images")
+        if not self.tuned:
+            return text + f"; the authors' rhos ({rhos}), not tuned here"
+        plan = self.study["plan"]
+        grid = "; ".join(f"{ALL_ARMS[k].name} {', '.join(f'{r:g}' for r in v)}" for k, v in plan["rhos"].items())
+        return (text + f". Rho chosen per method by mean final accuracy on {first.info.get('val_size', 0):,} "
+                f"validation images held out of the training pool (seeds {plan['tuning_seeds']}; grid: {grid}); "
+                f"chosen: {rhos}")
+
+
+def default_workers() -> int:
+    return len(os.sched_getaffinity(0))
+
+
+def main_comparison(profile: str, seeds=None, overrides=None, runs_dir=None, workers: int | None = None) -> Comparison:
+    """Train (or read back) the main comparison of a profile. With a study plan (``cpu``, ``smoke``): the tuning
+    grid, then the final seeds (``seeds`` replaces the plan's) at the chosen rhos; without one: the three arms at
+    their default rhos over the profile's seeds. ``overrides``: RunConfig fields for every run."""
+    ex.check_choice("profile", profile, ex.DEFAULT_SEEDS)
+    overrides = dict(overrides or {})
+    if profile not in PLANS:
+        grid = ex.configs(profile, list(ex.MAIN_ARMS.values()), ex.resolve_seeds(profile, seeds), **overrides)
+        return Comparison(profile, {arm.name: rs for arm, rs in ex.ensure(grid, runs_dir).items()})
+    plan = plan_for(profile)
+    if seeds is not None:
+        plan = dataclasses.replace(plan, final_seeds=tuple(ex.resolve_seeds(profile, seeds)))
+    terminal = _terminal()
+    try:
+        record = run_study(profile, runs_dir, workers or default_workers(), plan=plan,
+                           log=(lambda line: print(line, file=terminal, flush=True)) if terminal else (lambda line: None),
+                           **overrides)
+    finally:
+        if terminal is not None:
+            terminal.close()
+    from .results import final_runs
+    finals = final_runs(record, record["runs"])
+    runs = {ALL_ARMS[k].name: sorted(finals[k], key=lambda r: r.config.seed) for k in plan.final_arms if k in finals}
+    return Comparison(profile, runs, record)
+
+
+def _terminal():
+    try:
+        return open("/dev/tty", "w")  # progress for `python -m aace book`, never into a notebook
+    except OSError:
+        return None
