@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import matplotlib.pyplot as plt
+import matplotlib.ticker
 import numpy as np
 
 LABELS = {
@@ -170,6 +171,9 @@ def tuning(frame, chosen: dict):
                            linewidths=2)
             handles.setdefault(name, line)
         ax.set_xscale("log")
+        rhos = sorted(frame["rho"].unique())  # the grid's values as plain numbers, no log-scale minor labels
+        ax.set_xticks(rhos, [f"{r:g}" for r in rhos])
+        ax.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
         ax.set_xlabel("rho")
         ax.set_title(LABELS[column].replace("(%)", "(%), final epoch"), fontsize=10)
         ax.grid(alpha=0.3)

@@ -55,3 +55,15 @@ def test_paired_differences_against_the_baseline():
     line = series["SAM+AACE (n=2 seeds)"]
     assert np.allclose(line.get_ydata(), [3.0, -1.0])  # paired by seed, in points
     assert mcolors.to_hex(line.get_color()) == mcolors.to_hex(plots.PALETTE["SAM+AACE"])
+
+
+def test_tuning_curves_label_the_grid_plainly_and_circle_the_chosen_rho():
+    frame = pd.DataFrame([{"arm": arm, "rho": rho, "seed": seed, "val_acc": 0.8 + rho / 10, "train_acc": 1 - rho}
+                          for arm in ("SAM", "SAM+AACE") for rho in (0.02, 0.05, 0.2, 0.5) for seed in (0, 1)])
+    fig = plots.tuning(frame, {"SAM": 0.5, "SAM+AACE": 0.02})
+    for ax in fig.axes[:2]:
+        assert [t.get_text() for t in ax.get_xticklabels()] == ["0.02", "0.05", "0.2", "0.5"]
+        assert [line.get_color() for line in ax.get_lines()] == [plots.color_for("SAM"), plots.color_for("SAM+AACE")]
+    circled = [c for c in fig.axes[0].collections if c.get_sizes()[0] == 160]
+    assert np.allclose([c.get_offsets()[0] for c in circled], [(0.5, 85.0), (0.02, 80.2)])
+    matplotlib.pyplot.close(fig)
