@@ -30,6 +30,7 @@ nbval-fixture:
 	env -u AACE_FROZEN_RUNS AACE_CHECKPOINT_LOG=/tmp/aace-checkpoints-read $(PY) -m aace book --profile smoke \
 	  --no-build --runs-dir tests/fixtures/runs --output-dir tests/nbval
 	find tests/fixtures/runs -name lock -delete
+	rm -f tests/fixtures/runs/study-*.json
 	for d in tests/fixtures/runs/*/; do grep -qx "$$(basename $$d)" /tmp/aace-checkpoints-read || rm -f $$d/checkpoint.pt; done
 	rm -f /tmp/aace-checkpoints-read
 	du -sh tests/fixtures/runs

@@ -141,12 +141,16 @@ def format_runs(runs: list[Run], column: str = "test_acc", scale: float = 100.0,
     return text + (f"; {diverged} of {len(runs)} runs diverged" if diverged else "")
 
 
+def paired_values(a: list[Run], b: list[Run], column: str = "test_acc") -> list[float]:
+    """b - a, seed by seed, over the seeds present and finished in both."""
+    by_seed_a = {r.config.seed: r for r in a if r.finished}
+    return [final_value(r, column) - final_value(by_seed_a[r.config.seed], column)
+            for r in b if r.finished and r.config.seed in by_seed_a]
+
+
 def paired_difference(a: list[Run], b: list[Run], column: str = "test_acc") -> dict:
     """Mean of (b - a) over seeds present and finished in both, with a paired 95 % t-interval."""
-    by_seed_a = {r.config.seed: r for r in a if r.finished}
-    diffs = [final_value(r, column) - final_value(by_seed_a[r.config.seed], column)
-             for r in b if r.finished and r.config.seed in by_seed_a]
-    return spread(diffs)
+    return spread(paired_values(a, b, column))
 
 
 def describe(config: RunConfig) -> str:

@@ -208,6 +208,8 @@ FAULTY = textwrap.dedent("""
     import errno, os, signal, sys
     import aace.store as store, aace.train as train
     fault, when = sys.argv[1], int(sys.argv[2])
+    # A shell starts background jobs with SIGINT ignored (make test under nohup ... &): this test sends it on purpose.
+    signal.signal(signal.SIGINT, signal.default_int_handler)
     if fault in ("SIGINT", "SIGTERM"):
         real_epoch = train.train_epoch
         def train_epoch(config, model, optimizer, loader, epoch, *args, **kwargs):
