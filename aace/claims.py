@@ -5,6 +5,7 @@ from __future__ import annotations
 import math
 
 from . import experiments as ex, stats
+from .analysis import fraction_below
 from .comparison import Comparison
 from .results import EQUIVALENCE_MARGIN
 
@@ -19,7 +20,7 @@ def small_share(run_, small_gradient: float) -> float:
     steps = run_.steps
     first_mean = float(steps[steps.epoch == 1].grad_norm.mean())
     last = steps[steps.epoch > run_.config.epochs * 3 // 4].grad_norm
-    return float((last < small_gradient * first_mean).mean())
+    return fraction_below(last, small_gradient * first_mean)
 
 
 def late_variation(run_) -> float:

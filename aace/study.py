@@ -134,8 +134,9 @@ def run_pool(configs: list[RunConfig], runs_dir, workers: int = 1, deadline: flo
     from .train import is_stored, run
     runs_dir = Path(runs_dir or default_runs_dir()).resolve()  # the workers get the same store whatever their cwd
     # What the store holds is read here; only the rest goes to the pool (no processes start when nothing trains).
-    runs = [run(c, runs_dir, progress=False) for c in configs if is_stored(c, runs_dir)]
-    pending, started = [c for c in configs if not is_stored(c, runs_dir)], time.time()
+    stored = [is_stored(c, runs_dir) for c in configs]
+    runs = [run(c, runs_dir, progress=False) for c, s in zip(configs, stored) if s]
+    pending, started = [c for c, s in zip(configs, stored) if not s], time.time()
     if not pending:
         return runs, True
     context = multiprocessing.get_context("spawn")  # CUDA cannot be forked
