@@ -7,7 +7,7 @@ import math
 from . import experiments as ex, stats
 from .analysis import fraction_below
 from .comparison import Comparison
-from .results import EQUIVALENCE_MARGIN
+from .stats import EQUIVALENCE_MARGIN
 
 
 def _log_ratio(run_, column: str = "grad_norm") -> float:

@@ -6,7 +6,9 @@ import dataclasses
 import errno
 import json
 import os
+import shlex
 import sys
+from pathlib import Path
 
 from . import store
 from .config import PROFILES, RunConfig, field_names, profile_config
@@ -119,7 +121,8 @@ EXIT_CODES = {"diverged": 1, "usage": 2, "data": 3, "store": 4, "write": 5, "inc
 
 def exit_code(err: BaseException) -> int | None:
     from .data import DatasetCorrupt, DatasetNotFound
-    if isinstance(err, store.RunInterrupted):
+    from .pool import RunFailed
+    if isinstance(err, (store.RunInterrupted, RunFailed)):
         return err.exit_code
     if isinstance(err, KeyboardInterrupt):
         return EXIT_CODES["SIGINT"]
@@ -146,31 +149,47 @@ def _train(args) -> int:
 
 
 def _study(args, argv) -> int:
-    from . import study
+    from . import pool, study
     overrides = {name: getattr(args, name) for name in field_names() if hasattr(args, name)}
+    study.check_overrides(overrides)
+    study.check_stop_after(args.stop_after)
     plan = study.plan_for(args.profile)
     if args.print_commands:
         configs = study.tuning_configs(plan, **overrides) + study.final_configs(plan, None, **overrides)
         for config in configs:
-            print(study.train_command(config, args.profile, args.runs_dir))
+            print(pool.train_command(config, args.profile, args.runs_dir))
         if not _tuning_done(study, plan, args, overrides):
-            print(f"# then: python -m aace study --profile {args.profile}"
-                  f"{' --runs-dir ' + args.runs_dir if args.runs_dir else ''} --print-commands again, once these "
-                  f"have finished, prints the final runs at the chosen rhos")
+            again = ["python", "-m", "aace", "study", "--profile", args.profile,
+                     *(["--runs-dir", args.runs_dir] if args.runs_dir else []), "--print-commands"]
+            print(f"# then: {shlex.join(again)} again, once these have finished, prints the final runs at the "
+                  f"chosen rhos")
         return 0
     if args.workers < 1:
         raise ValueError(f"--workers: expected an integer >= 1, got {args.workers}")
+    from .results import _check_target, export, runs_in_export
+    found, earlier = None, []
+    if args.export:  # before any training: a study of hours must not end on an unusable --export
+        _check_target(Path(args.export).absolute(), {"profile": args.profile, "plan": study._plan_record(plan)})
+        found, earlier = runs_in_export(args.export)
     stop_after = None if args.stop_after is None else 60 * args.stop_after
-    record = study.run_study(args.profile, args.runs_dir, args.workers, stop_after, **overrides)
-    if args.export and record["complete"]:
-        command = "python -m aace " + " ".join(a for a in (argv if argv is not None else sys.argv[1:]))
-        from .results import export
-        print(f"exported to {export(record, args.export, command)}")
-    return 0 if record["complete"] else EXIT_CODES["incomplete"]
+    record = study.run_study(args.profile, args.runs_dir, args.workers, stop_after, found=found,
+                             earlier_invocations=earlier, **overrides)
+    exported = ""
+    if args.export:
+        command = "python -m aace " + shlex.join(argv if argv is not None else sys.argv[1:])
+        exported = f"{export(record, args.export, command)}"
+        print(f"exported {len(record['runs'])} runs{'' if record['complete'] else ' (a partial export)'} to {exported}")
+    if record["complete"]:
+        return 0
+    print(f"error: study {args.profile} stopped at --stop-after {args.stop_after:g} minutes before it was complete "
+          f"({len(record['runs'])} runs stored{', exported to ' + exported if exported else ''}): run the same "
+          f"command again to go on", file=sys.stderr)
+    return EXIT_CODES["incomplete"]
 
 
 def _tuning_done(study, plan, args, overrides) -> bool:
     """Prints the final runs' commands when the store already holds the finished tuning runs."""
+    from . import pool
     from .store import load_run, run_dir
     from .train import resolve_device
     runs = []
@@ -182,7 +201,7 @@ def _tuning_done(study, plan, args, overrides) -> bool:
     chosen = {k: v["rho"] for k, v in study.choose_rhos(plan, runs).items()}
     for config in study.final_configs(plan, chosen, **overrides):
         if config.method != "sgd":
-            print(study.train_command(config, args.profile, args.runs_dir))
+            print(pool.train_command(config, args.profile, args.runs_dir))
     return True
 
 

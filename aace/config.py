@@ -121,10 +121,11 @@ class RunConfig:
             if v is not None and v < classes:
                 fail(name, f"None or at least the {classes} classes of {self.dataset} (a stratified subset "
                            f"needs one image of each)")
-        if not (is_int(self.seed) and self.seed >= 0):
-            fail("seed", "an integer >= 0")
-        if self.subset_seed is not None and not (is_int(self.subset_seed) and self.subset_seed >= 0):
-            fail("subset_seed", "None (the run's seed) or an integer >= 0")
+        # Below 2**32: the data order and the loss's random targets derive 64-bit generator seeds from it.
+        if not (is_int(self.seed) and 0 <= self.seed < 2 ** 32):
+            fail("seed", "an integer in [0, 2**32)")
+        if self.subset_seed is not None and not (is_int(self.subset_seed) and 0 <= self.subset_seed < 2 ** 32):
+            fail("subset_seed", "None (the run's seed) or an integer in [0, 2**32)")
         allowed_perturbation = {"sgd": (None,), "sam": (None, *OTHER_LOSSES), "aace": (None, "aace")}[self.method]
         if self.perturbation_loss not in allowed_perturbation:
             fail("perturbation_loss", f"one of {allowed_perturbation} for method {self.method!r}")
@@ -138,8 +139,8 @@ class RunConfig:
             fail("label_noise", "a number in [0, 1)")
         if self.nesterov and self.momentum == 0:
             fail("nesterov", "False when momentum is 0 (Nesterov needs momentum)")
-        if self.data_root is not None and not isinstance(self.data_root, str):
-            fail("data_root", "None or a path")
+        if self.data_root is not None and not (isinstance(self.data_root, str) and self.data_root.strip()):
+            fail("data_root", "None (the system copy) or the path of a folder")
         # Resolve the method-dependent defaults so that the stored config says what ran.
         if self.method == "sgd":
             object.__setattr__(self, "rho", 0.0 if self.rho is None else self.rho)
@@ -244,3 +245,14 @@ def profile_config(profile: str, **overrides) -> RunConfig:
     if unknown:
         raise ValueError(f"unknown RunConfig field(s) {sorted(unknown)}; fields are {field_names()}")
     return RunConfig(**{**PROFILES[profile], **overrides})
+
+
+@dataclass(frozen=True)
+class Arm:
+    """One column of a comparison: a name and the RunConfig fields that define it."""
+    name: str
+    settings: tuple  # ((field, value), ...), hashable
+
+    @staticmethod
+    def of(name: str, **settings) -> "Arm":
+        return Arm(name, tuple(sorted(settings.items())))

@@ -7,6 +7,7 @@ is converted once (zero-pad to square, resize to 32x32) and cached next to the d
 from __future__ import annotations
 
 import gzip
+import zlib
 import os
 import struct
 from dataclasses import dataclass
@@ -85,7 +86,7 @@ def read_idx(path: Path) -> torch.Tensor:
         opener = gzip.open if path.suffix == ".gz" else open
         with opener(path, "rb") as f:
             raw = f.read()
-    except (OSError, EOFError) as err:
+    except (OSError, EOFError, zlib.error) as err:  # zlib.error: a damaged compressed stream
         raise DatasetCorrupt(f"cannot read {path}: {err}. Replace the file: {_FMNIST_FIX}") from err
     if len(raw) < 4 or raw[0] != 0 or raw[1] != 0 or raw[2] != 0x08 or not 1 <= raw[3] <= 4:
         raise DatasetCorrupt(f"{path} is not an IDX file of unsigned bytes (bad magic number). "

@@ -3,26 +3,14 @@ from __future__ import annotations
 
 import math
 import os
-from dataclasses import dataclass
 
-from .config import RunConfig, profile_config
+from .config import Arm, RunConfig, profile_config  # Arm: the pages call it as ex.Arm
 from .stats import minimum_detectable_effect, spread  # spread: the pages call it as ex.spread
 from .store import Run
 from .train import run
 
 # Seeds per profile for the main comparison; ablations use the first one.
 DEFAULT_SEEDS = {"paper": [42], "cpu": [0, 1, 2], "smoke": [0]}
-
-
-@dataclass(frozen=True)
-class Arm:
-    """One column of a comparison: a name and the RunConfig fields that define it."""
-    name: str
-    settings: tuple  # ((field, value), ...), hashable
-
-    @staticmethod
-    def of(name: str, **settings) -> "Arm":
-        return Arm(name, tuple(sorted(settings.items())))
 
 
 MAIN_ARMS = {
@@ -78,7 +66,7 @@ def ensure(grid: dict[Arm, list[RunConfig]], runs_dir=None, workers: int | None 
     Progress goes to the controlling terminal (/dev/tty) when there is one, e.g. that of
     ``python -m aace book``: never into the notebook, whose outputs must stay free of timings.
     """
-    from .study import run_pool
+    from .pool import run_pool
     from .train import is_stored, resolve_device
     try:
         terminal = open("/dev/tty", "w")
@@ -231,7 +219,7 @@ def table(page: str, profile: str, datasets=None, methods=("sgd", "sam", "aace")
 def table_finding(runs: dict) -> str:
     """A table page's finding: per dataset, SAM+AACE against SAM (paired), what the comparison could see, and
     a verdict Holm-corrected over the page's datasets."""
-    from .results import EQUIVALENCE_MARGIN
+    from .stats import EQUIVALENCE_MARGIN
     from .stats import comparison_verdict, holm, p_value
     diffs = {dataset: paired_difference(by_name["SAM"], by_name["SAM+AACE"], FINAL_TEST)
              for dataset, by_name in runs.items() if "SAM" in by_name and "SAM+AACE" in by_name}

@@ -21,6 +21,10 @@ REDUCTIONS = ("mean", "sum", "none")
 
 
 def _check_inputs(logits: torch.Tensor, target: torch.Tensor, reduction: str, check_labels: bool = True) -> None:
+    for name, value in (("logits", logits), ("target", target)):
+        if not isinstance(value, torch.Tensor):
+            raise ValueError(f"{name} must be a torch.Tensor, got {type(value).__name__} (convert it with "
+                             f"torch.as_tensor)")
     if reduction not in REDUCTIONS:
         raise ValueError(f"reduction must be one of {REDUCTIONS}, got {reduction!r}")
     if logits.dim() != 2:
@@ -71,7 +75,7 @@ def aace_target(logits: torch.Tensor, target: torch.Tensor, mode: str = "ada", t
     else:
         if mode == "rand":
             # U(0, 1]; a generator, when given, must live on the logits' device.
-            weights = 1.0 - torch.rand(z.shape, generator=generator, device=z.device)
+            weights = 1.0 - torch.rand(z.shape, generator=generator, device=z.device, dtype=z.dtype)
         else:
             weights = torch.ones_like(z)
         weights = weights.masked_fill(true, 0.0)

@@ -2,9 +2,12 @@
 checking its integrity, and what the book's pages show of it (the "GPU scale" sections)."""
 from __future__ import annotations
 
+import errno
+import hashlib
 import json
 import os
 import shutil
+import signal
 import subprocess
 import time
 from pathlib import Path
@@ -26,44 +29,142 @@ def git_commit() -> str:
 EXPORTED_FILES = ("config.json", "metrics.csv", "summary.json")
 
 
+def _sha256(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def _record_digest(study: dict) -> str:
+    """The digest of study.json's own content (everything but this digest), so that an edit of it is seen."""
+    return hashlib.sha256(json.dumps({k: v for k, v in study.items() if k != "digest"}, sort_keys=True)
+                          .encode()).hexdigest()
+
+
+def _read_study(directory: Path) -> dict:
+    study = json.loads((directory / "study.json").read_text())
+    if not isinstance(study, dict):
+        raise ValueError("study.json holds no JSON object")
+    return study
+
+
+def _check_target(directory: Path, record: dict) -> None:
+    """An export goes into a new or empty folder, or replaces an earlier export of the same study: never over
+    files it did not write."""
+    if directory.exists() and not directory.is_dir():
+        raise ValueError(f"--export {directory}: is a file, not a folder; give a new or empty folder")
+    if not directory.exists() or not any(directory.iterdir()):
+        return
+    try:
+        study = _read_study(directory)
+        ours = set(study["files"]) | {"study.json"}
+    except (OSError, ValueError, KeyError, TypeError):
+        raise ValueError(f"--export {directory}: the folder is not empty and holds no export of a study; give a "
+                         f"new or empty folder (nothing was written)") from None
+    present = {str(p.relative_to(directory)) for p in directory.rglob("*") if not p.is_dir()}
+    foreign = sorted(present - ours)
+    if foreign:
+        raise ValueError(f"--export {directory}: holds files that no export wrote ({', '.join(foreign[:3])}"
+                         f"{', ...' if len(foreign) > 3 else ''}); give a new or empty folder (nothing was written)")
+    if study.get("profile") != record["profile"] or study.get("plan") != record["plan"]:
+        raise ValueError(f"--export {directory}: holds the export of another study (profile "
+                         f"{study.get('profile')!r}); give a new or empty folder (nothing was written)")
+
+
+def machine() -> dict:
+    """The exporting machine: CPU model, instruction set torch uses, cores, GPU if any."""
+    import platform
+
+    import torch
+    model = platform.processor() or "unknown"
+    try:
+        model = next(line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
+                     if line.startswith("model name"))
+    except (OSError, StopIteration):
+        pass
+    info = {"cpu": model, "instruction_set": torch.backends.cpu.get_cpu_capability(), "cores": os.cpu_count(),
+            "machine": platform.machine()}
+    if torch.cuda.is_available():
+        info["gpu"] = torch.cuda.get_device_name(0)
+    return info
+
+
 def export(record: dict, directory, command: str) -> Path:
-    """Copy every run of a complete study (config, per-epoch metrics, summary; no checkpoints) and a
-    study.json with the plan, the chosen rhos, the machine, the version, the commit and the command."""
+    """Copy every stored run of a study, complete or not (config, per-epoch metrics, summary; no checkpoints),
+    and a study.json with the plan, the chosen rhos, the machine, the version, the commit, the command and the
+    SHA-256 of every file. Written beside ``directory`` and renamed into place: an earlier export of the same
+    study is replaced whole, anything else in the way is refused (``_check_target``)."""
     from . import __version__
-    if not record["complete"]:
-        raise ValueError("export: the study is incomplete; run it to the end first (it resumes where it stopped)")
-    directory = Path(directory)
-    tmp = directory.with_name(directory.name + ".tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    (tmp / "runs").mkdir(parents=True)
-    environments = set()
-    for run_ in record["runs"]:
-        target = tmp / "runs" / run_.path.name
-        target.mkdir()
-        for name in EXPORTED_FILES:
-            shutil.copyfile(run_.path / name, target / name)
-        env = run_.info.get("environment", {})
-        environments.add((env.get("gpu") or env.get("device", "?"), env.get("torch", "?")))
-    history = record["invocations"]
-    study = {"profile": record["profile"], "plan": record["plan"], "overrides": record["overrides"],
-             "chosen": record["chosen"], "command": command, "aace_version": __version__, "git_commit": git_commit(),
-             "exported": _utc(time.time()), "devices": sorted(f"{d} (torch {t})" for d, t in environments),
-             "wall_seconds": sum(h["wall_seconds"] for h in history), "invocations": history,
-             "runs": sorted(r.path.name for r in record["runs"])}
-    (tmp / "study.json").write_text(json.dumps(study, indent=2, sort_keys=True) + "\n")
-    shutil.rmtree(directory, ignore_errors=True)
-    os.replace(tmp, directory)
+    from .store import StoreWriteError
+    directory = Path(directory).absolute()
+    _check_target(directory, record)
+    needed = sum((r.path / name).stat().st_size for r in record["runs"] for name in EXPORTED_FILES)
+    directory.parent.mkdir(parents=True, exist_ok=True)
+    tmp = directory.with_name(f".{directory.name}.export-{os.getpid()}")
+    old = directory.with_name(f".{directory.name}.replaced-{os.getpid()}")
+    swapped = False
+    try:
+        shutil.rmtree(tmp, ignore_errors=True)
+        (tmp / "runs").mkdir(parents=True)
+        environments, files = set(), {}
+        for run_ in sorted(record["runs"], key=lambda r: r.path.name):
+            (tmp / "runs" / run_.path.name).mkdir()
+            for name in EXPORTED_FILES:
+                relative = f"runs/{run_.path.name}/{name}"
+                shutil.copyfile(run_.path / name, tmp / relative)
+                files[relative] = _sha256(tmp / relative)
+            env = run_.info.get("environment", {})
+            environments.add((env.get("gpu") or env.get("device", "?"), env.get("torch", "?")))
+        history = record["invocations"]
+        study = {"profile": record["profile"], "plan": record["plan"], "overrides": record["overrides"],
+                 "chosen": record["chosen"], "complete": record["complete"], "command": command,
+                 "aace_version": __version__, "git_commit": git_commit(), "exported": _utc(time.time()),
+                 "machine": machine(), "devices": sorted(f"{d} (torch {t})" for d, t in environments),
+                 "wall_seconds": sum(h["wall_seconds"] for h in history), "invocations": history,
+                 "runs": sorted(r.path.name for r in record["runs"]), "files": files}
+        study["digest"] = _record_digest(study)
+        (tmp / "study.json").write_text(json.dumps(study, indent=2, sort_keys=True) + "\n")
+        # The swap: signals wait until both renames are done, so that the folder is always one whole export.
+        blocked = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT, signal.SIGTERM})
+        try:
+            if directory.exists():
+                os.rename(directory, old)
+            os.rename(tmp, directory)
+            swapped = True
+        finally:
+            signal.pthread_sigmask(signal.SIG_SETMASK, blocked)
+        shutil.rmtree(old, ignore_errors=True)  # the earlier export: only files it wrote (_check_target)
+    except BaseException as err:
+        shutil.rmtree(tmp, ignore_errors=True)
+        if not swapped and old.exists() and not directory.exists():
+            os.rename(old, directory)
+        if isinstance(err, OSError) and err.errno == errno.ENOSPC:
+            free = shutil.disk_usage(directory.parent).free
+            raise StoreWriteError(errno.ENOSPC, f"disk full writing the export {directory} (about {needed:,} bytes "
+                                  f"needed, {free:,} free); nothing was changed there and the study's runs are safe "
+                                  f"in its store. Free some space or choose another --export, then run the same "
+                                  f"command again") from None
+        raise
     return directory
 
 
 def load_export(directory):
-    """(study.json as a dict, the exported runs) of an export folder; (None, []) when there is none yet."""
+    """(study.json as a dict, the exported runs) of an export folder; (None, []) when there is none yet.
+    Raises on damage: ``read_export`` reports it instead."""
     from .store import load_run
     directory = Path(directory)
     if not (directory / "study.json").is_file():
         return None, []
-    study = json.loads((directory / "study.json").read_text())
+    study = _read_study(directory)
     return study, [load_run(directory / "runs" / name, with_steps=False) for name in study["runs"]]
+
+
+def read_export(directory, version: str | None = None):
+    """(study, runs, problems) of an export folder, never raising: ``problems`` lists what is wrong (see
+    ``check_export``); study is None and runs empty when the export is missing or cannot be trusted."""
+    problems = check_export(directory, version)
+    if problems:
+        return None, [], problems
+    study, runs = load_export(directory)
+    return study, runs, []
 
 
 def plan_of(study: dict) -> Plan:
@@ -73,33 +174,91 @@ def plan_of(study: dict) -> Plan:
                 tuple(p["final_seeds"]), p["settings"], tuple(p.get("final_arms", ALL_ARMS)))
 
 
-def check_export(directory) -> list[str]:
-    """What is wrong with an export (empty when nothing is): every run's config must rebuild the hash in its
-    folder name on the device it ran on, every run of the study's grid must be there, and the chosen rhos
-    must follow from the tuning runs."""
-    study, runs = load_export(directory)
-    if study is None:
-        return [f"no study.json in {directory}"]
+def check_export(directory, version: str | None = None) -> list[str]:
+    """What is wrong with an export (empty when nothing is); never raises. Every file must match the SHA-256
+    that study.json records for it, and study.json its own digest; every run's config must rebuild the hash in
+    its folder name on the device it ran on; a complete study must hold every run of its grid, and its chosen
+    rhos must follow from its tuning runs. ``version``: also report an export made by another aace version
+    (stale: its runs are not the ones this version trains)."""
+    from .store import load_run
+    directory = Path(directory)
+    if not (directory / "study.json").is_file():
+        return [f"no export in {directory} (no study.json)"]
+    try:
+        study = _read_study(directory)
+        files, names = dict(study["files"]), list(study["runs"])
+        plan, recorded = plan_of(study), {k: v["rho"] for k, v in (study["chosen"] or {}).items()}
+    except (OSError, ValueError, KeyError, TypeError, AttributeError) as err:
+        return [f"{directory / 'study.json'} is damaged or not an export's ({type(err).__name__}: {err})"]
     problems = []
+    if study.get("digest") != _record_digest(study):
+        problems.append(f"{directory / 'study.json'} was changed after the export (its digest does not match)")
+    if version is not None and study.get("aace_version") != version:
+        problems.append(f"stale: made by aace {study.get('aace_version')}, this is aace {version}; rerun "
+                        f"`{study.get('command')}` to refresh it")
+    for relative, digest in sorted(files.items()):
+        path = directory / relative
+        if not path.is_file():
+            problems.append(f"{relative}: missing")
+        elif _sha256(path) != digest:
+            problems.append(f"{relative}: its content differs from the export's (SHA-256 mismatch)")
+    listed = {f"runs/{n}/{f}" for n in names for f in EXPORTED_FILES}
+    problems += [f"{relative}: not recorded in study.json" for relative in sorted(listed - set(files))]
+    if problems:
+        return problems
+    runs = []
+    for name in names:
+        try:
+            runs.append(load_run(directory / "runs" / name, with_steps=False))
+        except Exception as err:  # noqa: BLE001 - a damaged run is a problem to report, not a crash
+            problems.append(f"runs/{name}: unreadable ({err})")
     for r in runs:
-        env = r.info["environment"]
-        device = "cuda" if env.get("device", "").startswith("cuda") else "cpu"
-        expected = r.config.run_hash(device, env.get("threads") if device == "cpu" else None, study["aace_version"])
-        stored = r.path.name.split("-")[-1]
-        if expected != stored:
-            problems.append(f"{r.path.name}: its config hashes to {expected}, not {stored}")
-    plan = plan_of(study)
-    recorded = {k: v["rho"] for k, v in study["chosen"].items()}
+        env = r.info.get("environment", {})
+        device = "cuda" if str(env.get("device", "")).startswith("cuda") else "cpu"
+        try:
+            expected = r.config.run_hash(device, env.get("threads") if device == "cpu" else None,
+                                         study["aace_version"])
+        except ValueError as err:
+            problems.append(f"{r.path.name}: {err}")
+            continue
+        if expected != r.path.name.split("-")[-1]:
+            problems.append(f"{r.path.name}: its config hashes to {expected}, not {r.path.name.split('-')[-1]}")
+    if problems or not study.get("complete"):
+        return problems  # a partial export holds what was stored when it was written
     expected = tuning_configs(plan, **study["overrides"]) + final_configs(plan, recorded, **study["overrides"])
     have = {json.dumps(r.config.to_dict(), sort_keys=True) for r in runs}
     missing = [f"missing from the export: {c.label()} seed {c.seed}" for c in expected
                if json.dumps(c.to_dict(), sort_keys=True) not in have]
     if missing:
-        return problems + missing
-    chosen = {k: v["rho"] for k, v in choose_rhos(plan, runs).items()}
+        return missing
+    try:
+        chosen = {k: v["rho"] for k, v in choose_rhos(plan, runs).items()}
+    except ValueError as err:
+        return [str(err)]
     if chosen != recorded:
         problems.append(f"the chosen rhos {recorded} do not follow from the tuning runs, which choose {chosen}")
     return problems
+
+
+def runs_in_export(directory):
+    """For a study that resumes from an export: a function config -> that config's run read in place from the
+    export (or None), and the export's invocation history. Refuses a damaged export (``check_export``)."""
+    from .store import CorruptRun, load_run, run_dir
+    from .train import resolve_device
+    directory = Path(directory)
+    if not (directory / "study.json").is_file():
+        return None, []
+    problems = check_export(directory)
+    if problems:
+        raise CorruptRun(f"the export {directory} cannot be resumed from: {'; '.join(problems[:3])}"
+                         f"{' ...' if len(problems) > 3 else ''}. Move it away (or restore it from git) and run again")
+    study = _read_study(directory)
+    names = set(study["runs"])
+
+    def found(config):
+        name = run_dir(config, resolve_device(config.device)).name
+        return load_run(directory / "runs" / name, with_steps=False) if name in names else None
+    return found, study["invocations"]
 
 
 # ----------------------------------------------------------------------------- what the book shows
@@ -107,8 +266,7 @@ def check_export(directory) -> list[str]:
 # Where the book looks for the GPU study's export, per profile (the smoke pages read a fixture export).
 EXPORTS = {"smoke": "tests/fixtures/study-smoke"}
 DEFAULT_EXPORT = "results/gpu-fashion-mnist"
-# Differences whose whole 95 % interval lies within this many accuracy points count as equivalent.
-EQUIVALENCE_MARGIN = 0.015
+from .stats import EQUIVALENCE_MARGIN  # noqa: E402 - the book's rule, named where the statistics are
 COMPARISONS = (("aace", "sam"), ("aace_normalised", "sam"), ("sam", "sgd"))
 
 
@@ -170,8 +328,16 @@ def gpu_scale_section(profile: str) -> tuple[str, list]:
     """(a paragraph of Markdown, the tables) for a page's "GPU scale" section, or a paragraph saying that no
     export exists yet and the command that makes one."""
     from .experiments import describe
+    from . import __version__
     directory = export_for(profile)
-    study, runs = load_export(directory)
+    study, runs, problems = read_export(directory, __version__)
+    if problems and (directory / "study.json").is_file():
+        return (f"**The export `{directory.relative_to(directory.parent.parent)}` cannot be shown:** "
+                + "; ".join(problems[:5]) + (f" (and {len(problems) - 5} more)" if len(problems) > 5 else "")
+                + ". Restore it from git (`git checkout -- <folder>`) or make it again with the study's command.", [])
+    if study is not None and not study["complete"]:
+        return (f"**The GPU-scale study is not complete yet:** `{DEFAULT_EXPORT}` holds {len(runs)} of its runs. "
+                f"Run `{study['command']}` to finish it (it resumes from the export).", [])
     if study is None:
         return (f"**No GPU-scale results yet:** `{DEFAULT_EXPORT}` holds no export. One command on a GPU makes "
                 f"it (about 20 minutes on one H100 or H200): `python -m aace study --profile gpu --workers 6 "

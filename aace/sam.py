@@ -12,6 +12,7 @@ the form of davda54/sam: applied to every parameter, no eta), else 1.
 from __future__ import annotations
 
 import contextlib
+import math
 from typing import Callable, Iterator
 
 import torch
@@ -52,8 +53,10 @@ class SAM(torch.optim.Optimizer):
         super().__init__(params, dict(rho=rho, **base_kwargs))
         for group in self.param_groups:
             rho = group["rho"]
-            if isinstance(rho, bool) or not isinstance(rho, (int, float)) or not rho >= 0.0:
-                raise ValueError(f"rho must be a number >= 0, got {rho!r}")
+            if isinstance(rho, bool) or not isinstance(rho, (int, float)) or not (0.0 <= rho < math.inf):
+                raise ValueError(f"rho must be a finite number >= 0, got {rho!r}")
+        if isinstance(eps, bool) or not isinstance(eps, (int, float)) or not (0.0 <= eps < math.inf):
+            raise ValueError(f"eps must be a finite number >= 0, got {eps!r}")
         self.normalize, self.ascent, self.adaptive, self.eps = normalize, ascent, adaptive, eps
         self.track_cosine = track_cosine
         self.base_optimizer = base_optimizer(self.param_groups, **base_kwargs)
@@ -173,6 +176,8 @@ def frozen_bn_stats(model: nn.Module) -> Iterator[nn.Module]:
     In training mode the layers still normalise with the batch statistics, as in the authors' code;
     they only stop tracking them (``track_running_stats=False`` makes torch skip the buffer updates).
     """
+    if not isinstance(model, nn.Module):
+        raise ValueError(f"frozen_bn_stats: expected a torch.nn.Module, got {type(model).__name__}")
     layers = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
     saved = [m.track_running_stats for m in layers]
     try:

@@ -5,6 +5,9 @@ from __future__ import annotations
 import functools
 import math
 
+# Differences whose whole 95 % interval lies within this many accuracy points count as equivalent.
+EQUIVALENCE_MARGIN = 0.015
+
 
 def spread(values: list[float]) -> dict:
     """Mean, standard deviation, 95 % t-interval half-width and n of a list of numbers."""

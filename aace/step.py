@@ -33,6 +33,10 @@ class StepResult:
 
 
 def _chunks(x: torch.Tensor, y: torch.Tensor, accumulate: int):
+    if not (isinstance(x, torch.Tensor) and isinstance(y, torch.Tensor)):
+        raise ValueError(f"sam_step: x and y must be tensors, got {type(x).__name__} and {type(y).__name__}")
+    if len(y) == 0:
+        raise ValueError("sam_step: the batch is empty (y has no samples); skip empty batches before the step")
     if not (isinstance(accumulate, int) and not isinstance(accumulate, bool) and 1 <= accumulate <= len(y)):
         raise ValueError(f"sam_step: accumulate must be an integer in [1, batch size {len(y)}], got {accumulate!r}")
     return list(zip(torch.chunk(x, accumulate), torch.chunk(y, accumulate)))
@@ -101,8 +105,15 @@ def sam_step(model: nn.Module, optimizer: SAM, x: torch.Tensor, y: torch.Tensor,
         optimizer.restore()
         scaler.update()  # sees the overflow unscale_ recorded and backs off
         return StepResult(grad_norm, perturbation_norm, torch.full_like(grad_norm, float("nan")), logits, True)
-    with frozen_bn_stats(model):
-        loss, _ = _backward(model, parts, update_loss, autocast, scaler, keep_logits=False)
+    try:
+        with frozen_bn_stats(model):
+            loss, _ = _backward(model, parts, update_loss, autocast, scaler, keep_logits=False)
+    except BaseException:
+        # Back to w before the error goes on: the caller's weights are never left perturbed, and the next
+        # step starts clean (not with "first_step called twice").
+        optimizer.restore()
+        optimizer.zero_grad(set_to_none=True)
+        raise
     if scaler is not None and not _finite_unscaled(optimizer, scaler):
         optimizer.restore()
         optimizer.zero_grad(set_to_none=True)

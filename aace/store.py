@@ -260,6 +260,9 @@ def load_run(path: Path, missing_ok: bool = False, with_steps: bool = True) -> R
         raise FileNotFoundError(f"no run stored in {path}")
     info = _read_json(path / "config.json")
     summary = _read_json(path / "summary.json") if (path / "summary.json").exists() else {"status": "unknown"}
+    if summary.get("status") not in STATUSES:
+        raise CorruptRun(f"{path / 'summary.json'} holds status {summary.get('status')!r}, not one of {STATUSES}; "
+                         f"training the config again rebuilds it from the checkpoint (or delete {path})")
     from .train import EPOCH_COLUMNS
     frames = []
     for name, needed in (("metrics.csv", EPOCH_COLUMNS), ("steps.csv", ("epoch", "step", "grad_norm"))):
@@ -286,6 +289,10 @@ def load_run(path: Path, missing_ok: bool = False, with_steps: bool = True) -> R
         raise CorruptRun(f"{path / 'config.json'} holds no valid RunConfig ({err}); delete {path} to redo the run") \
             from err
     return Run(path, config, info, metrics, steps, summary)
+
+
+# What a summary.json may say of its run ('unknown': no summary.json yet).
+STATUSES = ("running", "finished", "diverged", "interrupted", "failed", "unknown")
 
 
 class StoreNotFound(FileNotFoundError):

@@ -1,18 +1,17 @@
 """The tuned comparison as one study: rho chosen per method on a validation split, then fresh seeds at the
 chosen rhos, with SGD beside them.
 
-``python -m aace study --profile gpu`` runs it in a pool of worker processes (small models leave a large GPU
-idle, so several runs share it), each run through the same ``aace.train.run`` a user calls, so that the run
-store makes the study resumable: run the command again after an interruption and only what is missing trains.
-``--print-commands`` prints one ``python -m aace train`` command per run instead, for a job array.
+``python -m aace study --profile gpu`` runs it several runs at a time (small models leave a large GPU idle, so
+several runs share it), each as a child process running the ``python -m aace train`` command that
+``--print-commands`` prints for a job array (``aace.pool``), so that the run store makes the study resumable:
+run the command again after an interruption and only what is missing trains.
 ``--export DIR`` writes a compact copy with provenance (no checkpoints) that the book reads (``aace.results``).
 """
 from __future__ import annotations
 
-import concurrent.futures as cf
 import datetime
 import json
-import multiprocessing
+import math
 import os
 import shutil
 import subprocess
@@ -21,8 +20,8 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from .config import RunConfig, profile_config
-from .experiments import Arm
+from .config import Arm, RunConfig, profile_config
+from .pool import run_pool
 
 # The arms whose rho is tuned, and the baseline, by key. 'aace_normalised' takes AACE's direction with SAM's
 # normalised step, so that direction and step length are separated by design.
@@ -116,50 +115,7 @@ def choose_rhos(plan: Plan, runs) -> dict:
     return out
 
 
-# ----------------------------------------------------------------------------- the worker pool
-
-def _train_one(config_dict: dict, runs_dir: str) -> str:
-    from .train import run
-    return str(run(RunConfig(**config_dict), runs_dir, progress=False).path)
-
-
-def run_pool(configs: list[RunConfig], runs_dir, workers: int = 1, deadline: float | None = None,
-             log=print) -> tuple[list, bool]:
-    """Train (or read back) every config, ``workers`` at a time in processes of their own; returns (runs,
-    complete). After ``deadline`` (a time.time()) no new run starts; the ones under way finish."""
-    from .store import load_run
-    if not (isinstance(workers, int) and workers >= 1):
-        raise ValueError(f"--workers: expected an integer >= 1, got {workers!r}")
-    from .store import default_runs_dir
-    from .train import is_stored, run
-    runs_dir = Path(runs_dir or default_runs_dir()).resolve()  # the workers get the same store whatever their cwd
-    # What the store holds is read here; only the rest goes to the pool (no processes start when nothing trains).
-    stored = [is_stored(c, runs_dir) for c in configs]
-    runs = [run(c, runs_dir, progress=False) for c, s in zip(configs, stored) if s]
-    pending, started = [c for c, s in zip(configs, stored) if not s], time.time()
-    if not pending:
-        return runs, True
-    context = multiprocessing.get_context("spawn")  # CUDA cannot be forked
-    with cf.ProcessPoolExecutor(workers, mp_context=context) as pool:
-        running = {}
-        while pending or running:
-            while pending and len(running) < workers and (deadline is None or time.time() < deadline):
-                config = pending.pop(0)
-                running[pool.submit(_train_one, config.to_dict(), str(runs_dir))] = config
-            if not running:
-                break
-            done, _ = cf.wait(running, return_when=cf.FIRST_COMPLETED)
-            for future in done:
-                config = running.pop(future)
-                run_ = load_run(Path(future.result()))
-                runs.append(run_)
-                s = run_.summary
-                log(f"[{len(runs)}/{len(configs)}, {time.time() - started:.0f} s] {config.label()} seed {config.seed}: "
-                    f"{s.get('status')}, val {100 * s.get('val_acc', float('nan')):.2f} %, "
-                    f"test {100 * s.get('test_acc', float('nan')):.2f} %, "
-                    f"{s.get('images_per_second', 0):.0f} img/s, {s.get('wall_seconds', 0):.0f} s")
-    return runs, not pending
-
+# ----------------------------------------------------------------------------- the study
 
 class GPUSampler:
     """GPU utilisation and memory sampled with nvidia-smi every ``interval`` seconds in a thread."""
@@ -198,12 +154,35 @@ class GPUSampler:
 
 # ----------------------------------------------------------------------------- the study, its commands, its export
 
+# Fields the study sets run by run: as options of ``study`` they would contradict its plan.
+STUDY_SETS = {"method": "each arm's method", "rho": "each arm's rho (tuned on the grid)",
+              "normalize": "each arm's step", "seed": "the tuning and final seeds of the plan"}
+
+
+def check_overrides(overrides: dict) -> None:
+    """Refuse, by option name, a setting that the study itself sets run by run."""
+    for name, what in STUDY_SETS.items():
+        if name in overrides:
+            raise ValueError(f"--{name}: the study sets {what}; leave it out (every other run setting, such as "
+                             f"--label-noise or --epochs, applies to all of the study's runs)")
+
+
+def check_stop_after(minutes) -> None:
+    if minutes is not None and not (isinstance(minutes, (int, float)) and math.isfinite(minutes) and minutes >= 0):
+        raise ValueError(f"--stop-after: expected a finite number of minutes >= 0, got {minutes!r}")
+
+
 def run_study(profile: str, runs_dir=None, workers: int = 1, stop_after: float | None = None, log=print,
-              plan: Plan | None = None, **overrides) -> dict:
+              plan: Plan | None = None, found=None, earlier_invocations=(), **overrides) -> dict:
     """Tuning grid and SGD first, then the tuned arms' final seeds at their chosen rhos. Returns the study's
     record (what ``export`` writes as study.json), with ``complete`` False when ``stop_after`` seconds ran out.
-    ``plan``: another plan than the profile's (other seeds, say)."""
-    from .store import default_runs_dir
+    ``plan``: another plan than the profile's (other seeds, say). ``found(config)``: a finished run read in
+    place from elsewhere (a committed partial export), else None; ``earlier_invocations``: that export's history.
+    An invocation stopped by a signal or a failed run is recorded in the history before the error goes on."""
+    from .store import Terminated, default_runs_dir
+    check_overrides(overrides)
+    if stop_after is not None:
+        check_stop_after(stop_after / 60)
     plan = plan or plan_for(profile)
     runs_dir = Path(runs_dir or default_runs_dir())
     runs_dir.mkdir(parents=True, exist_ok=True)
@@ -211,32 +190,60 @@ def run_study(profile: str, runs_dir=None, workers: int = 1, stop_after: float |
     # thread count is part of a run's hash, so that any process (this one, a later invocation) finds the runs.
     if profile_config(profile).threads is None:
         overrides.setdefault("threads", max(1, (os.cpu_count() or 1) // workers))
+    first = tuning_configs(plan, **overrides) + final_configs(plan, None, **overrides)  # validates the settings
     start = time.time()
     deadline = None if stop_after is None else start + stop_after
-    from .train import is_stored
-    trained = 0  # an invocation that only reads the store leaves no record (the store may be read-only)
-    with GPUSampler() as sampler:
-        first = tuning_configs(plan, **overrides) + final_configs(plan, None, **overrides)
-        trained += sum(not is_stored(c, runs_dir) for c in first)
-        log(f"study {profile}: {len(first)} runs of tuning and SGD, {workers} at a time, store {runs_dir}")
-        runs, complete = run_pool(first, runs_dir, workers, deadline, log)
-        chosen = None
-        if complete:
-            chosen = choose_rhos(plan, runs)
-            log("chosen rho: " + ", ".join(f"{k} {v['rho']:g} (val {100 * v['val_acc']:.2f} %)" for k, v in chosen.items()))
-            rest = [c for c in final_configs(plan, {k: v["rho"] for k, v in chosen.items()}, **overrides)
-                    if arm_key(c) not in BASELINE_ARMS]
-            trained += sum(not is_stored(c, runs_dir) for c in rest)
-            more, complete = run_pool(rest, runs_dir, workers, deadline, log)
-            runs += more
-    wall = time.time() - start
-    entry = {"started": _utc(start), "wall_seconds": wall, "workers": workers, "gpu": sampler.summary(),
-             "complete": complete, "runs_trained": trained}
-    history = _append_history(runs_dir, profile, entry) if trained else _read_history(runs_dir, profile) or [entry]
+    trained, chosen, complete, ended = 0, None, False, None
+    sampler = GPUSampler()
+    try:
+        with sampler:
+            log(f"study {profile}: {len(first)} runs of tuning and SGD, {workers} at a time, store {runs_dir}")
+            runs, complete, n = run_pool(first, runs_dir, workers, deadline, log, plan.profile, found)
+            trained += n
+            if complete:
+                chosen = choose_rhos(plan, runs)
+                log("chosen rho: " + ", ".join(f"{k} {v['rho']:g} (val {100 * v['val_acc']:.2f} %)"
+                                               for k, v in chosen.items()))
+                rest = [c for c in final_configs(plan, {k: v["rho"] for k, v in chosen.items()}, **overrides)
+                        if arm_key(c) not in BASELINE_ARMS]
+                more, complete, n = run_pool(rest, runs_dir, workers, deadline, log, plan.profile, found)
+                trained += n
+                runs += more
+    except (KeyboardInterrupt, Terminated, Exception) as err:
+        ended = {KeyboardInterrupt: "SIGINT", Terminated: "SIGTERM"}.get(type(err), f"error: {err}")
+        raise
+    finally:
+        entry = {"started": _utc(start), "wall_seconds": time.time() - start, "workers": workers,
+                 "gpu": sampler.summary(), "complete": complete, "runs_trained": trained}
+        if ended:
+            entry["ended"] = ended
+        # An invocation that only read the store leaves no record (the store may be read-only).
+        if trained or ended:
+            try:
+                history = _append_history(runs_dir, profile, entry)
+            except OSError:
+                if not ended:
+                    raise
+                history = []  # the error that stopped the study is the one to report
+        else:
+            history = _read_history(runs_dir, profile) or [entry]
+    history = _merged(list(earlier_invocations), history)
+    wall = entry["wall_seconds"]
     log(f"study {profile}: {'complete' if complete else 'stopped at its time limit; run again to go on'} "
         f"after {wall:.0f} s ({sum(h['wall_seconds'] for h in history):.0f} s over {len(history)} invocation(s))")
     return {"profile": profile, "plan": _plan_record(plan), "overrides": overrides, "chosen": chosen,
             "complete": complete, "invocations": history, "runs": runs}
+
+
+def _merged(earlier: list, later: list) -> list:
+    """Two invocation histories as one, each invocation once (by its start time), in order."""
+    seen, out = set(), []
+    for h in sorted(earlier + later, key=lambda h: h.get("started", "")):
+        key = (h.get("started"), h.get("wall_seconds"))
+        if key not in seen:
+            seen.add(key)
+            out.append(h)
+    return out
 
 
 def _utc(t: float) -> str:
@@ -251,27 +258,16 @@ def _plan_record(plan: Plan) -> dict:
 
 def _read_history(runs_dir: Path, profile: str) -> list:
     try:
-        return json.loads((runs_dir / f"study-{profile}.json").read_text())
+        history = json.loads((runs_dir / f"study-{profile}.json").read_text())
     except (OSError, ValueError):
         return []
+    return [h for h in history if isinstance(h, dict)] if isinstance(history, list) else []
 
 
 def _append_history(runs_dir: Path, profile: str, entry: dict) -> list:
     """Each invocation's wall time and GPU use, kept in the store, so that a resumed study adds them up."""
-    path = runs_dir / f"study-{profile}.json"
+    from .store import _atomic_write_text  # cleans up its temporary file and names the path on a full disk
     history = _read_history(runs_dir, profile)
     history.append(entry)
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text(json.dumps(history, indent=2))
-    os.replace(tmp, path)
+    _atomic_write_text(runs_dir / f"study-{profile}.json", json.dumps(history, indent=2))
     return history
-
-
-def train_command(config: RunConfig, profile: str, runs_dir=None) -> str:
-    """The ``python -m aace train`` command that trains one config: the profile and the fields it changes."""
-    base = profile_config(profile).to_dict()
-    always = ("method", "rho", "normalize", "seed")  # explicit: a method's defaults would change rho otherwise
-    flags = [f"--{k.replace('_', '-')} {'none' if v is None else v}" for k, v in config.to_dict().items()
-             if v != base[k] or k in always]
-    store = f" --runs-dir {runs_dir}" if runs_dir else ""
-    return f"python -m aace train --profile {profile}{store} --no-progress " + " ".join(flags)

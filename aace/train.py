@@ -67,6 +67,11 @@ def prepare_data(config: RunConfig, device: torch.device):
     dspec = spec(config.dataset)
     train, test = load_dataset(config.dataset, config.data_root, config.download)
     mean, std = mean_std(dspec, train)  # the full training set's statistics, as the authors' code
+    for name, part, size in (("test_subset", "test", len(test)),
+                             *((("train_subset", "training", len(train)),) if not config.val_subset else ())):
+        if getattr(config, name) is not None and getattr(config, name) > size:
+            raise ValueError(f"RunConfig.{name}: expected at most the {size:,} {part} images of {config.dataset}, "
+                             f"got {getattr(config, name):,}")
     val = None
     if config.val_subset:
         train_idx, val_idx = train_validation_split(train.labels, config.train_subset, config.val_subset,
@@ -234,6 +239,9 @@ def run(config: RunConfig, runs_dir: str | os.PathLike | None = None, *, progres
     ``restart=True`` discards whatever the store holds for this config and trains from scratch.
     ``progress``: True for a progress bar on stderr, a file object to draw it there, False for none.
     """
+    if not isinstance(config, RunConfig):
+        hint = " (RunConfig(**d) makes one of a dict)" if isinstance(config, dict) else ""
+        raise ValueError(f"run: config must be an aace.config.RunConfig, got {type(config).__name__}{hint}")
     device = resolve_device(config.device)
     run_dir = store.run_dir(config, device, runs_dir)
     if not restart:  # a finished run is read without the lock: a read-only store still serves it
@@ -267,6 +275,10 @@ def run(config: RunConfig, runs_dir: str | os.PathLike | None = None, *, progres
         try:
             with store.sigterm_raises():
                 return _train(config, device, run_dir, progress, world)
+        except BaseException:
+            if world.main and not (run_dir / "config.json").exists():  # stopped before it began (bad data)
+                _remove_empty_run_dir(run_dir)
+            raise
         finally:
             torch.set_num_threads(threads)  # a run's own thread count stays with the run
 
@@ -393,6 +405,16 @@ def _train(config: RunConfig, device: torch.device, run_dir, progress, world: di
             bar.close()
     distributed.barrier(world)  # the other ranks read the store only once rank 0 has written it
     return store.load_run(run_dir)
+
+
+def _remove_empty_run_dir(run_dir: Path) -> None:
+    """A run folder that holds nothing but its lock goes: a failed start leaves no trace in the store."""
+    try:
+        if {p.name for p in run_dir.iterdir()} <= {"lock"}:
+            (run_dir / "lock").unlink(missing_ok=True)
+            run_dir.rmdir()
+    except OSError:
+        pass
 
 
 def _write_status(run_dir, summary: dict) -> None:

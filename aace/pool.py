@@ -1,0 +1,182 @@
+"""The local pool: each run as its own child process running the ``python -m aace train ...`` command that
+``study --print-commands`` prints, so that a job array and a local study are one mechanism.
+
+Why processes of our own rather than a ``ProcessPoolExecutor``: a worker that is signalled or killed is then an
+exit status to report, not a broken pool or an exception the parent cannot unpickle; each child is in its own
+process group (a Ctrl-C in the terminal reaches the parent only, which forwards it and waits for the children to
+record their runs as ``interrupted``), and is asked by the kernel to end (SIGTERM) when the parent dies, even by
+SIGKILL, so that no run outlives the study that started it.
+"""
+from __future__ import annotations
+
+import ctypes
+import os
+import shlex
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from .config import PROFILES, RunConfig, profile_config
+
+# Fields a command always names: a method's defaults would change rho and normalize otherwise.
+ALWAYS_NAMED = ("method", "rho", "normalize", "seed")
+# How long children get to record their runs as interrupted before they are killed.
+STOP_GRACE_SECONDS = 60
+
+
+class RunFailed(RuntimeError):
+    """A run of the pool ended other than finished or diverged; ``exit_code`` is the study's."""
+
+    def __init__(self, message: str, exit_code: int):
+        super().__init__(message)
+        self.exit_code = exit_code
+
+
+def closest_profile(config: RunConfig) -> str:
+    """The profile from which ``config`` differs in the fewest fields (the shortest command)."""
+    values = config.to_dict()
+    return min(PROFILES, key=lambda p: sum(values[k] != v for k, v in profile_config(p).to_dict().items()))
+
+
+def train_argv(config: RunConfig, profile: str | None = None, runs_dir=None) -> list[str]:
+    """The arguments after ``python`` that train ``config``: the profile and every field the config changes."""
+    profile = profile or closest_profile(config)
+    base = profile_config(profile).to_dict()
+    argv = ["-m", "aace", "train", "--profile", profile]
+    if runs_dir:
+        argv += ["--runs-dir", str(runs_dir)]
+    argv.append("--no-progress")
+    for name, value in config.to_dict().items():
+        if value != base[name] or name in ALWAYS_NAMED:
+            argv += [f"--{name.replace('_', '-')}", "none" if value is None else str(value)]
+    return argv
+
+
+def train_command(config: RunConfig, profile: str | None = None, runs_dir=None) -> str:
+    """``train_argv`` as one shell line, every argument quoted where the shell needs it."""
+    return "python " + shlex.join(train_argv(config, profile, runs_dir))
+
+
+_PR_SET_PDEATHSIG = 1
+
+
+def _end_with_parent(parent: int) -> None:  # runs in the child between fork and exec
+    try:
+        ctypes.CDLL(None, use_errno=True).prctl(_PR_SET_PDEATHSIG, signal.SIGTERM)
+    except (OSError, AttributeError):  # not Linux: the parent's own handlers still stop its children
+        pass
+    if os.getppid() != parent:  # the parent died before prctl took effect
+        os._exit(143)
+
+
+@dataclass
+class _Child:
+    config: RunConfig
+    process: subprocess.Popen
+    stderr: object  # an unnamed temporary file
+
+    def lines(self) -> list[str]:
+        self.stderr.seek(0)
+        return [line.strip() for line in self.stderr.read().decode(errors="replace").splitlines() if line.strip()]
+
+    def waited_for_another_process(self) -> bool:
+        """Whether the run was another process's (a second study on the same store), read back once it ended."""
+        return any("in use by another process" in line for line in self.lines())
+
+    def last_error(self) -> str:
+        lines = self.lines()
+        errors = [line.removeprefix("error: ") for line in lines if line.startswith("error: ")]
+        return (errors or lines or ["no message"])[-1]
+
+
+def _signal_name(code: int) -> str:
+    try:
+        return signal.Signals(code).name
+    except ValueError:
+        return f"signal {code}"
+
+
+def _stop(children, signum) -> None:
+    """Send ``signum`` to every child's process group, wait for them to record their runs, kill stragglers."""
+    for child in children:
+        if child.process.poll() is None:
+            try:
+                os.killpg(child.process.pid, signum)
+            except ProcessLookupError:
+                pass
+    deadline = time.time() + STOP_GRACE_SECONDS
+    for child in children:
+        try:
+            child.process.wait(max(0.1, deadline - time.time()))
+        except subprocess.TimeoutExpired:
+            try:
+                os.killpg(child.process.pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+            child.process.wait()
+
+
+def run_pool(configs: list[RunConfig], runs_dir=None, workers: int = 1, deadline: float | None = None,
+             log=print, profile: str | None = None, found=None) -> tuple[list, bool, int]:
+    """Train (or read back) every config, ``workers`` child processes at a time; returns (runs, complete,
+    trained), ``trained`` the runs these children trained (not read back). After ``deadline`` (a time.time())
+    no new run starts; the ones under way finish. ``found(config)``: a stored run from elsewhere (an export),
+    or None. A child that ends other than finished or diverged stops the others and raises ``RunFailed``."""
+    from .store import Terminated, default_runs_dir, load_run, run_dir
+    from .train import is_stored, resolve_device, run
+    if not (isinstance(workers, int) and not isinstance(workers, bool) and workers >= 1):
+        raise ValueError(f"--workers: expected an integer >= 1, got {workers!r}")
+    runs_dir = Path(runs_dir or default_runs_dir()).resolve()  # the children get the same store whatever their cwd
+    runs, pending, trained = [], [], 0
+    for config in configs:  # what the store (or an export) holds is read here; only the rest starts a process
+        elsewhere = found(config) if found else None
+        if elsewhere is not None:
+            runs.append(elsewhere)
+        elif is_stored(config, runs_dir):
+            runs.append(run(config, runs_dir, progress=False))
+        else:
+            pending.append(config)
+    started, running = time.time(), []
+    try:
+        while pending or running:
+            while pending and len(running) < workers and (deadline is None or time.time() < deadline):
+                config = pending.pop(0)
+                stderr = tempfile.TemporaryFile()
+                process = subprocess.Popen([sys.executable, *train_argv(config, profile, runs_dir)],
+                                           stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=stderr,
+                                           start_new_session=True, preexec_fn=lambda p=os.getpid(): _end_with_parent(p))
+                running.append(_Child(config, process, stderr))
+            if not running:
+                break
+            time.sleep(0.2)
+            for child in [c for c in running if c.process.poll() is not None]:
+                running.remove(child)
+                code, config = child.process.returncode, child.config
+                path = run_dir(config, resolve_device(config.device), runs_dir)
+                if code not in (0, 1):  # 1: diverged, a result like any other
+                    how = f"was killed by {_signal_name(-code)}" if code < 0 else f"ended with exit code {code}"
+                    detail = "" if code < 0 else f": {child.last_error()}"
+                    study_code = 128 - code if code < 0 else code
+                    raise RunFailed(f"{config.label()} seed {config.seed} ({path}) {how}{detail}. The other runs were "
+                                    f"stopped, each at its last checkpoint; run the same command again to resume",
+                                    study_code)
+                run_ = load_run(path)
+                runs.append(run_)
+                trained += not child.waited_for_another_process()
+                s = run_.summary
+                log(f"[{len(runs)}/{len(configs)}, {time.time() - started:.0f} s] {config.label()} seed "
+                    f"{config.seed}: {s.get('status')}, val {100 * (s.get('val_acc') or float('nan')):.2f} %, "
+                    f"test {100 * (s.get('test_acc') or float('nan')):.2f} %, {s.get('wall_seconds') or 0:.0f} s")
+    except KeyboardInterrupt:
+        _stop(running, signal.SIGINT)
+        raise
+    except Terminated:
+        _stop(running, signal.SIGTERM)
+        raise
+    finally:
+        _stop(running, signal.SIGTERM)  # whatever else ended the loop: no child outlives it
+    return runs, not pending, trained
