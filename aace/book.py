@@ -1,9 +1,12 @@
 """Execute the book's notebooks with papermill and build the HTML with Jupyter Book 1.x."""
 from __future__ import annotations
 
+import contextlib
 import os
+import signal
 import subprocess
 import sys
+import threading
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -13,20 +16,81 @@ NOTEBOOKS = ["intro", "aace_loss", "comparison", "convergence", "table2", "table
              "own_training_loop"]
 
 
+class PageFailed(Exception):
+    """A page's notebook stopped with an error; the page of the last good build is kept. ``exit_code``: 2 when
+    the notebook refused a parameter (a ValueError in its first cells), else 1."""
+
+    def __init__(self, name: str, ename: str, evalue: str):
+        self.exit_code = 2 if ename in ("ValueError", "TypeError") else 1
+        super().__init__(f"page {name}: {ename}: {evalue} (the page of the last good build is kept; "
+                         f"notebooks/{name}.ipynb shows the cell, --debug the traceback)")
+
+
+def _kernels() -> list[int]:
+    """This process's children: the notebook kernel papermill started (in a session of its own)."""
+    me, out = os.getpid(), []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        if int(fields[1]) == me:
+            out.append(int(stat.parent.name))
+    return out
+
+
+@contextlib.contextmanager
+def _interrupts_reach_the_kernel():
+    """Ctrl-C (or SIGTERM) while a page executes is passed to its kernel as an interrupt, so that the cell stops
+    the way a run expects (its runs recorded as interrupted) and papermill ends cleanly; it is repeated every
+    few seconds while the page still runs, and the signal is raised once papermill has returned. A second
+    Ctrl-C stops at once."""
+    got = {}
+
+    def forward():
+        while "signal" in got and not got.get("done"):
+            for pid in _kernels():
+                try:
+                    os.killpg(pid, signal.SIGINT)
+                except (ProcessLookupError, PermissionError):
+                    pass
+            if got["stop"].wait(10):
+                return
+
+    def handler(signum, frame):
+        if "signal" in got:
+            signal.signal(signal.SIGINT, signal.default_int_handler)
+            raise KeyboardInterrupt
+        got["signal"], got["stop"] = signum, threading.Event()
+        threading.Thread(target=forward, daemon=True).start()
+    previous = {s: signal.signal(s, handler) for s in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield got
+    finally:
+        got["done"] = True
+        if "stop" in got:
+            got["stop"].set()
+        for s, h in previous.items():
+            signal.signal(s, h)
+
+
 def execute_notebooks(profile: str, names: list[str] | None = None, parameters: dict | None = None,
                       runs_dir: str | None = None, output_dir: str | os.PathLike = "book") -> list[Path]:
-    """Run each notebook with ``profile`` and the given parameters; returns the executed notebooks."""
+    """Run each notebook with ``profile`` and the given parameters; returns the executed notebooks. Each page
+    is executed beside its target and renamed into place only when it succeeded: a failed or interrupted page
+    leaves the previous executed page as it was."""
     import papermill
 
+    from .store import Terminated
     names = names or NOTEBOOKS
     unknown = [n for n in names if n not in NOTEBOOKS]
     if unknown:
-        raise ValueError(f"notebook(s) {unknown} unknown; the book's notebooks are {NOTEBOOKS}")
+        raise ValueError(f"--notebook: {unknown} unknown; the book's notebooks are {NOTEBOOKS}")
     parameters = dict(parameters or {})
     declared = {n: papermill.inspect_notebook(str(NOTEBOOK_DIR / f"{n}.ipynb")) for n in names}
     for key in parameters:
         if not any(key in d for d in declared.values()):
-            raise ValueError(f"parameter {key!r} is not a parameter of {names}; they take "
+            raise ValueError(f"-p {key}: not a parameter of {names}; they take "
                              f"{sorted({p for d in declared.values() for p in d})}")
     if runs_dir:
         os.environ["AACE_RUNS"] = str(Path(runs_dir).resolve())
@@ -35,11 +99,22 @@ def execute_notebooks(profile: str, names: list[str] | None = None, parameters: 
     executed = []
     for name in names:
         own = {"profile": profile, **{k: v for k, v in parameters.items() if k in declared[name]}}
-        target = output_dir / f"{name}.ipynb"
+        target, partial = output_dir / f"{name}.ipynb", output_dir / f".{name}.executing.ipynb"
         print(f"executing {name} with {own}", flush=True)
-        papermill.execute_notebook(str(NOTEBOOK_DIR / f"{name}.ipynb"), str(target), parameters=own,
-                                   cwd=str(ROOT), kernel_name="python3", progress_bar=True)
-        hide_parameter_cells(target)
+        try:
+            with _interrupts_reach_the_kernel() as got:
+                try:
+                    papermill.execute_notebook(str(NOTEBOOK_DIR / f"{name}.ipynb"), str(partial), parameters=own,
+                                               cwd=str(ROOT), kernel_name="python3", progress_bar=True)
+                except papermill.PapermillExecutionError as err:
+                    if "signal" not in got:
+                        raise PageFailed(name, err.ename, err.evalue) from err
+            if "signal" in got:
+                raise KeyboardInterrupt if got["signal"] == signal.SIGINT else Terminated()
+            hide_parameter_cells(partial)
+            os.replace(partial, target)
+        finally:
+            partial.unlink(missing_ok=True)
         executed.append(target)
     return executed
 

@@ -68,7 +68,7 @@ def main(argv: list[str] | None = None) -> int:
     _add_config_options(train)
 
     study = sub.add_parser("study", help="the tuned comparison: rho grid on a validation split, then fresh seeds")
-    study.add_argument("--profile", default="gpu", choices=("gpu", "cpu", "smoke"))
+    study.add_argument("--profile", default="gpu", choices=("gpu", "cpu", "cpu-noise", "smoke"))
     study.add_argument("--runs-dir", default=None)
     study.add_argument("--workers", type=int, default=1, help="runs at once (processes sharing the device)")
     study.add_argument("--stop-after", type=float, default=None, metavar="MINUTES",
@@ -121,8 +121,9 @@ EXIT_CODES = {"diverged": 1, "usage": 2, "data": 3, "store": 4, "write": 5, "inc
 
 def exit_code(err: BaseException) -> int | None:
     from .data import DatasetCorrupt, DatasetNotFound
+    from .book import PageFailed
     from .pool import RunFailed
-    if isinstance(err, (store.RunInterrupted, RunFailed)):
+    if isinstance(err, (store.RunInterrupted, RunFailed, PageFailed)):
         return err.exit_code
     if isinstance(err, KeyboardInterrupt):
         return EXIT_CODES["SIGINT"]
@@ -144,7 +145,8 @@ def _train(args) -> int:
     from .train import run
     config = _config_from_args(args)
     result = run(config, args.runs_dir, progress=not args.no_progress, restart=args.restart)
-    print(f"{result.path}: {json.dumps(result.summary, sort_keys=True)}")
+    how = "trained" if result.trained else "read from the store"
+    print(f"{result.path} ({how}): {json.dumps(result.summary, sort_keys=True)}")
     return 0 if result.status == "finished" else 1
 
 
@@ -232,7 +234,10 @@ def _book(args, parser) -> int:
     for name, value in args.parameter:
         try:
             parameters[name] = json.loads(value)
-        except json.JSONDecodeError:
+        except json.JSONDecodeError as err:
+            if value.strip()[:1] in ("[", "{", '"') or value.strip()[:1].isdigit():  # meant as JSON
+                raise ValueError(f"-p {name}: {value!r} is not valid JSON ({err}); give a JSON value, e.g. "
+                                 f"-p seeds '[0, 1]', or a bare word for a string") from None
             parameters[name] = value  # a bare string, e.g. -p dataset cifar10
     execute_notebooks(args.profile, args.notebook, parameters, args.runs_dir, args.output_dir)
     if not args.no_build:

@@ -65,6 +65,12 @@ _PR_SET_PDEATHSIG = 1
 
 
 def _end_with_parent(parent: int) -> None:  # runs in the child between fork and exec
+    # A study started as a background job ignores SIGINT, and its children would inherit that: they take the
+    # interrupt the parent forwards (no terminal reaches them in their own session).
+    try:
+        signal.signal(signal.SIGINT, signal.SIG_DFL)
+    except ValueError:  # not the main thread: the disposition is left as it was
+        pass
     try:
         ctypes.CDLL(None, use_errno=True).prctl(_PR_SET_PDEATHSIG, signal.SIGTERM)
     except (OSError, AttributeError):  # not Linux: the parent's own handlers still stop its children
@@ -77,15 +83,17 @@ def _end_with_parent(parent: int) -> None:  # runs in the child between fork and
 class _Child:
     config: RunConfig
     process: subprocess.Popen
-    stderr: object  # an unnamed temporary file
+    stderr: object  # unnamed temporary files
+    stdout: object
 
-    def lines(self) -> list[str]:
-        self.stderr.seek(0)
-        return [line.strip() for line in self.stderr.read().decode(errors="replace").splitlines() if line.strip()]
+    def lines(self, stream=None) -> list[str]:
+        stream = stream or self.stderr
+        stream.seek(0)
+        return [line.strip() for line in stream.read().decode(errors="replace").splitlines() if line.strip()]
 
-    def waited_for_another_process(self) -> bool:
-        """Whether the run was another process's (a second study on the same store), read back once it ended."""
-        return any("in use by another process" in line for line in self.lines())
+    def trained(self) -> bool:
+        """Whether this child trained its run, rather than read it back (another study on the same store ran it)."""
+        return any(" (trained): " in line for line in self.lines(self.stdout))
 
     def last_error(self) -> str:
         lines = self.lines()
@@ -145,11 +153,11 @@ def run_pool(configs: list[RunConfig], runs_dir=None, workers: int = 1, deadline
         while pending or running:
             while pending and len(running) < workers and (deadline is None or time.time() < deadline):
                 config = pending.pop(0)
-                stderr = tempfile.TemporaryFile()
+                stderr, stdout = tempfile.TemporaryFile(), tempfile.TemporaryFile()
                 process = subprocess.Popen([sys.executable, *train_argv(config, profile, runs_dir)],
-                                           stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=stderr,
+                                           stdin=subprocess.DEVNULL, stdout=stdout, stderr=stderr,
                                            start_new_session=True, preexec_fn=lambda p=os.getpid(): _end_with_parent(p))
-                running.append(_Child(config, process, stderr))
+                running.append(_Child(config, process, stderr, stdout))
             if not running:
                 break
             time.sleep(0.2)
@@ -166,7 +174,7 @@ def run_pool(configs: list[RunConfig], runs_dir=None, workers: int = 1, deadline
                                     study_code)
                 run_ = load_run(path)
                 runs.append(run_)
-                trained += not child.waited_for_another_process()
+                trained += child.trained()
                 s = run_.summary
                 log(f"[{len(runs)}/{len(configs)}, {time.time() - started:.0f} s] {config.label()} seed "
                     f"{config.seed}: {s.get('status')}, val {100 * (s.get('val_acc') or float('nan')):.2f} %, "

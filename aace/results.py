@@ -12,7 +12,7 @@ import subprocess
 import time
 from pathlib import Path
 
-from .study import ALL_ARMS, Plan, _utc, arm_key, choose_rhos, final_configs, tuning_configs
+from .study import ALL_ARMS, Plan, _utc, arm_key, choose_rhos, final_configs, tuned_value, tuning_configs
 
 
 def git_commit() -> str:
@@ -70,18 +70,14 @@ def _check_target(directory: Path, record: dict) -> None:
 
 
 def machine() -> dict:
-    """The exporting machine: CPU model, instruction set torch uses, cores, GPU if any."""
+    """The machine an export was written on: CPU model, instruction set torch uses, cores, GPU if any."""
     import platform
 
     import torch
-    model = platform.processor() or "unknown"
-    try:
-        model = next(line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
-                     if line.startswith("model name"))
-    except (OSError, StopIteration):
-        pass
-    info = {"cpu": model, "instruction_set": torch.backends.cpu.get_cpu_capability(), "cores": os.cpu_count(),
-            "machine": platform.machine()}
+
+    from .train import cpu_model
+    info = {"cpu": cpu_model(), "instruction_set": torch.backends.cpu.get_cpu_capability(),
+            "cores": os.cpu_count(), "machine": platform.machine()}
     if torch.cuda.is_available():
         info["gpu"] = torch.cuda.get_device_name(0)
     return info
@@ -117,7 +113,7 @@ def export(record: dict, directory, command: str) -> Path:
         study = {"profile": record["profile"], "plan": record["plan"], "overrides": record["overrides"],
                  "chosen": record["chosen"], "complete": record["complete"], "command": command,
                  "aace_version": __version__, "git_commit": git_commit(), "exported": _utc(time.time()),
-                 "machine": machine(), "devices": sorted(f"{d} (torch {t})" for d, t in environments),
+                 "exported_on": machine(), "devices": sorted(f"{d} (torch {t})" for d, t in environments),
                  "wall_seconds": sum(h["wall_seconds"] for h in history), "invocations": history,
                  "runs": sorted(r.path.name for r in record["runs"]), "files": files}
         study["digest"] = _record_digest(study)
@@ -282,7 +278,7 @@ def final_runs(study: dict, runs) -> dict:
     out = {}
     for r in runs:
         key = arm_key(r.config)
-        if r.config.seed in seeds and (key == "sgd" or r.config.rho == chosen[key]):
+        if r.config.seed in seeds and (key == "sgd" or (key in chosen and tuned_value(key, r.config) == chosen[key])):
             out.setdefault(key, []).append(r)
     return out
 

@@ -220,6 +220,7 @@ class Run:
     metrics: "object"   # pandas.DataFrame
     steps: "object"     # pandas.DataFrame
     summary: dict
+    trained: bool = False  # set by aace.train.run when this call trained (part of) it, not read it back
 
     @property
     def status(self) -> str:

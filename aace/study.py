@@ -23,19 +23,27 @@ from pathlib import Path
 from .config import Arm, RunConfig, profile_config
 from .pool import run_pool
 
-# The arms whose rho is tuned, and the baseline, by key. 'aace_normalised' takes AACE's direction with SAM's
-# normalised step, so that direction and step length are separated by design.
-TUNED_ARMS = {"sam": Arm.of("SAM", method="sam"),
+# The arms whose setting is tuned, and the baseline, by key. 'aace_normalised' takes AACE's direction with SAM's
+# normalised step, so that direction and step length are separated by design; 'sgd_ls' is SGD with its label
+# smoothing tuned on the same split: is SAM+AACE's gain its direction, or just more regularisation?
+TUNED_ARMS = {"sgd_ls": Arm.of("SGD, tuned label smoothing", method="sgd"),
+              "sam": Arm.of("SAM", method="sam"),
               "aace": Arm.of("SAM+AACE", method="aace"),
               "aace_normalised": Arm.of("SAM+AACE, normalised step", method="aace", normalize=True)}
 BASELINE_ARMS = {"sgd": Arm.of("SGD", method="sgd")}
 ALL_ARMS = {**BASELINE_ARMS, **TUNED_ARMS}
+# The field each tuned arm's grid sets (rho unless named here).
+TUNED_FIELD = {"sgd_ls": "label_smoothing"}
+
+
+def tuned_field(key: str) -> str:
+    return TUNED_FIELD.get(key, "rho")
 
 
 @dataclass(frozen=True)
 class Plan:
-    """A study: the rho grid of each tuned arm, the tuning and the final seeds, settings over the profile, and
-    the arms of the final comparison (every arm by default)."""
+    """A study: the grid of each tuned arm (its rho, or the field ``TUNED_FIELD`` names), the tuning and the
+    final seeds, settings over the profile, and the arms of the final comparison (every arm by default)."""
     profile: str
     rhos: dict
     tuning_seeds: tuple
@@ -49,17 +57,24 @@ PLANS = {
     # paper's 0.2, where it no longer fits its training set on the CPU profile; 2 tuning seeds, 8 final seeds.
     "gpu": Plan("gpu", rhos={"sam": (0.02, 0.05, 0.1, 0.2, 0.5), "aace": (0.01, 0.02, 0.05, 0.1, 0.2),
                              "aace_normalised": (0.02, 0.05, 0.1, 0.2, 0.5)},
-                tuning_seeds=(100, 101), final_seeds=tuple(range(8))),
-    # The book's own comparison on 2 CPU cores (about 30 minutes): 4 rhos per arm on 2 seeds, then 8 fresh seeds
-    # of SGD, SAM and SAM+AACE. The normalised AACE step is tuned beside them (direction against step length)
-    # but not carried into the final comparison, which would cost 8 more runs.
-    "cpu": Plan("cpu", rhos={"sam": (0.02, 0.05, 0.2, 0.5), "aace": (0.02, 0.05, 0.1, 0.2),
-                             "aace_normalised": (0.02, 0.05, 0.2, 0.5)},
-                tuning_seeds=(100, 101), final_seeds=tuple(range(8)), final_arms=("sgd", "sam", "aace")),
+                tuning_seeds=(100, 101), final_seeds=tuple(range(8)), final_arms=("sgd", "sam", "aace", "aace_normalised")),
+    # The clean reference study (issue 23), run once and committed as results/cpu-fashion-mnist: every grid
+    # reaches below the value aace 0.4.0 chose at its lowest end (SAM 0.02), so that each chosen value can be
+    # interior; 30 fresh paired seeds, which at the paired SD of 0.79 points measured on aace 0.4.0 give a
+    # minimum detectable SAM+AACE - SAM effect of about 0.5 points at the Holm-adjusted alpha of its family.
+    "cpu": Plan("cpu", rhos={"sgd_ls": (0.02, 0.05, 0.1, 0.2), "sam": (0.005, 0.01, 0.02, 0.05, 0.1),
+                             "aace": (0.01, 0.02, 0.05, 0.1, 0.2), "aace_normalised": (0.005, 0.01, 0.02, 0.05, 0.1)},
+                tuning_seeds=(100, 101), final_seeds=tuple(range(30))),
+    # The label-noise reference study (results/cpu-fashion-mnist-noise): grids around the pilot's best values
+    # (SAM 0.2 of 0.05-1.0; SAM+AACE 0.5 of 0.05-0.5, so up to 2.0); 10 fresh seeds, the paired spread being
+    # small there (scripts/pilot_noise.py).
+    "cpu-noise": Plan("cpu-noise", rhos={"sgd_ls": (0.1, 0.2, 0.4, 0.6), "sam": (0.05, 0.1, 0.2, 0.5),
+                                         "aace": (0.1, 0.2, 0.5, 1.0, 2.0), "aace_normalised": (0.05, 0.1, 0.2, 0.5)},
+                      tuning_seeds=(100, 101), final_seeds=tuple(range(10))),
     # The same machinery in seconds, for the tests and for trying the commands (the smoke profile as it is, so
     # that the pages' smoke runs are the study's).
     "smoke": Plan("smoke", rhos={"sam": (0.05, 0.2), "aace": (0.05, 0.2), "aace_normalised": (0.05, 0.2)},
-                  tuning_seeds=(100,), final_seeds=(0, 1)),
+                  tuning_seeds=(100,), final_seeds=(0, 1), final_arms=("sgd", "sam", "aace", "aace_normalised")),
 }
 
 
@@ -69,10 +84,11 @@ def plan_for(profile: str) -> Plan:
     return PLANS[profile]
 
 
-def arm_config(plan: Plan, key: str, seed: int, rho: float | None = None, **overrides) -> RunConfig:
+def arm_config(plan: Plan, key: str, seed: int, value: float | None = None, **overrides) -> RunConfig:
+    """The config of an arm at a seed; ``value``: its tuned field's value (rho, or ``TUNED_FIELD``'s)."""
     settings = {**plan.settings, **overrides, **dict(ALL_ARMS[key].settings), "seed": seed}
-    if rho is not None:
-        settings["rho"] = rho
+    if value is not None:
+        settings[tuned_field(key)] = value
     return profile_config(plan.profile, **settings)
 
 
@@ -91,28 +107,49 @@ def final_configs(plan: Plan, chosen: dict | None, **overrides) -> list[RunConfi
 def arm_key(config: RunConfig) -> str:
     """Which arm a config belongs to (the inverse of ``arm_config``)."""
     if config.method == "sgd":
-        return "sgd"
+        return "sgd_ls" if config.label_smoothing else "sgd"
     if config.method == "sam":
         return "sam"
     return "aace_normalised" if config.normalize else "aace"
 
 
+def tuned_value(key: str, config: RunConfig):
+    return getattr(config, tuned_field(key))
+
+
+def chance(config: RunConfig) -> float:
+    from .data import DATASETS
+    return 1.0 / DATASETS[config.dataset].num_classes
+
+
 def choose_rhos(plan: Plan, runs) -> dict:
-    """{arm key: {"rho", "val_acc", "table"}}: per arm, the rho with the best mean final validation accuracy
-    over the tuning seeds. A diverged run counts as chance accuracy; ties go to the smaller rho."""
+    """{arm key: {"rho", "field", "val_acc", "table", "edge"}}: per arm, the value of its tuned field ("rho" holds
+    it, whichever field it is) with the best mean final validation accuracy over the tuning seeds. A diverged run
+    counts as chance accuracy; ties go to the smaller value. ``edge``: "lowest" or "highest" when the choice is an
+    end of its grid (the optimum may lie beyond it: extend the grid), else None."""
     out = {}
-    for key, rhos in plan.rhos.items():
+    for key, values in plan.rhos.items():
         table = {}
-        for rho in rhos:
-            accs = [float(r.summary.get("val_acc", 0.0)) if r.finished else 0.0 for r in runs
-                    if arm_key(r.config) == key and r.config.rho == rho and r.config.seed in plan.tuning_seeds]
+        for value in values:
+            accs = [float(r.summary.get("val_acc", 0.0)) if r.finished else chance(r.config) for r in runs
+                    if arm_key(r.config) == key and tuned_value(key, r.config) == value
+                    and r.config.seed in plan.tuning_seeds]
             if len(accs) != len(plan.tuning_seeds):
-                raise ValueError(f"study: the tuning runs of {key} at rho {rho} are incomplete "
+                raise ValueError(f"study: the tuning runs of {key} at {tuned_field(key)} {value} are incomplete "
                                  f"({len(accs)} of {len(plan.tuning_seeds)}); run the study to finish them")
-            table[rho] = sum(accs) / len(accs)
-        best = max(rhos, key=lambda r: (table[r], -r))
-        out[key] = {"rho": best, "val_acc": table[best], "table": {str(r): a for r, a in table.items()}}
+            table[value] = sum(accs) / len(accs)
+        best = max(values, key=lambda v: (table[v], -v))
+        edge = None if len(values) < 3 else "lowest" if best == min(values) else "highest" if best == max(values) \
+            else None
+        out[key] = {"rho": best, "field": tuned_field(key), "val_acc": table[best],
+                    "table": {str(v): a for v, a in table.items()}, "edge": edge}
     return out
+
+
+def edge_warnings(chosen: dict) -> list[str]:
+    """One line per arm whose chosen value is an end of its grid."""
+    return [f"{ALL_ARMS[k].name}: the chosen {v.get('field', 'rho')} {v['rho']:g} is the {v['edge']} value of its "
+            f"grid; the optimum may lie beyond it (extend the grid)" for k, v in (chosen or {}).items() if v.get("edge")]
 
 
 # ----------------------------------------------------------------------------- the study
@@ -181,14 +218,14 @@ def run_study(profile: str, runs_dir=None, workers: int = 1, stop_after: float |
     An invocation stopped by a signal or a failed run is recorded in the history before the error goes on."""
     from .store import Terminated, default_runs_dir
     check_overrides(overrides)
+    plan = plan or plan_for(profile)
     if stop_after is not None:
         check_stop_after(stop_after / 60)
-    plan = plan or plan_for(profile)
     runs_dir = Path(runs_dir or default_runs_dir())
     runs_dir.mkdir(parents=True, exist_ok=True)
     # Each worker gets its share of the cores, set in the configs (unless the profile fixes it): on the CPU the
     # thread count is part of a run's hash, so that any process (this one, a later invocation) finds the runs.
-    if profile_config(profile).threads is None:
+    if profile_config(plan.profile).threads is None:
         overrides.setdefault("threads", max(1, (os.cpu_count() or 1) // workers))
     first = tuning_configs(plan, **overrides) + final_configs(plan, None, **overrides)  # validates the settings
     start = time.time()
@@ -202,8 +239,10 @@ def run_study(profile: str, runs_dir=None, workers: int = 1, stop_after: float |
             trained += n
             if complete:
                 chosen = choose_rhos(plan, runs)
-                log("chosen rho: " + ", ".join(f"{k} {v['rho']:g} (val {100 * v['val_acc']:.2f} %)"
-                                               for k, v in chosen.items()))
+                log("chosen: " + ", ".join(f"{k} {v['field']} {v['rho']:g} (val {100 * v['val_acc']:.2f} %)"
+                                           for k, v in chosen.items()))
+                for warning in edge_warnings(chosen):
+                    log(f"WARNING: {warning}")
                 rest = [c for c in final_configs(plan, {k: v["rho"] for k, v in chosen.items()}, **overrides)
                         if arm_key(c) not in BASELINE_ARMS]
                 more, complete, n = run_pool(rest, runs_dir, workers, deadline, log, plan.profile, found)

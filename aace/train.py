@@ -49,10 +49,20 @@ def learning_rate(config: RunConfig, step: int, total_steps: int) -> float:
     return config.lr * 0.2 ** passed
 
 
+def cpu_model() -> str:
+    """The CPU's model name (/proc/cpuinfo), which with the instruction set decides a CPU run's last bits."""
+    try:
+        return next(line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
+                    if line.startswith("model name"))
+    except (OSError, StopIteration):
+        return platform.processor() or "unknown"
+
+
 def environment(device: torch.device) -> dict:
     import torchvision
     info = {"torch": torch.__version__, "torchvision": torchvision.__version__, "python": platform.python_version(),
-            "device": str(device), "threads": torch.get_num_threads(), "machine": platform.machine()}
+            "device": str(device), "threads": torch.get_num_threads(), "machine": platform.machine(),
+            "cpu": cpu_model(), "instruction_set": torch.backends.cpu.get_cpu_capability()}
     if device.type == "cuda":
         info["gpu"] = torch.cuda.get_device_name(device)
     return info
@@ -85,6 +95,9 @@ def prepare_data(config: RunConfig, device: torch.device):
     if config.label_noise:
         train = ArrayData(train.images, symmetric_label_noise(train.labels, config.label_noise, dspec.num_classes,
                                                               config.seed))
+        if config.validation_label_noise and val is not None:  # its own draw (seeds stay below 2**32)
+            val = ArrayData(val.images, symmetric_label_noise(val.labels, config.label_noise, dspec.num_classes,
+                                                              config.seed + 2 ** 32))
     for name, part in (("training", train), ("validation", val or test), ("test", test)):
         if len(part) and not 0 <= int(part.labels.min()) <= int(part.labels.max()) < dspec.num_classes:
             raise ValueError(f"{config.dataset} {name} labels outside [0, {dspec.num_classes - 1}]: "
@@ -404,7 +417,9 @@ def _train(config: RunConfig, device: torch.device, run_dir, progress, world: di
         if bar is not None:
             bar.close()
     distributed.barrier(world)  # the other ranks read the store only once rank 0 has written it
-    return store.load_run(run_dir)
+    result = store.load_run(run_dir)
+    result.trained = True
+    return result
 
 
 def _remove_empty_run_dir(run_dir: Path) -> None:

@@ -1,6 +1,7 @@
 """The study: validation split, rho choice, the worker pool, resumption, job-array commands, the export and
 its integrity check, all at the smoke profile on the CPU."""
 import json
+import shlex
 import shutil
 
 import pytest
@@ -78,20 +79,21 @@ def test_study_resumes_without_training_again(smoke_study, capsys):
     assert "complete" in capsys.readouterr().out
 
 
-def test_integrity_check_finds_a_missing_run_and_a_changed_config(smoke_study, tmp_path):
+def test_integrity_check_finds_a_config_that_does_not_hash_to_its_folder_even_with_its_digests_remade(smoke_study,
+                                                                                                    tmp_path):
     _, export_dir = smoke_study
     broken = tmp_path / "broken"
     shutil.copytree(export_dir, broken)
     meta = json.loads((broken / "study.json").read_text())
-    victim = meta["runs"].pop(0)
-    (broken / "study.json").write_text(json.dumps(meta))
-    assert any("missing from the export" in p for p in results.check_export(broken))
-    shutil.rmtree(broken)
-    shutil.copytree(export_dir, broken)
+    victim = meta["runs"][0]
     config_file = broken / "runs" / victim / "config.json"
     info = json.loads(config_file.read_text())
     info["config"]["lr"] = 0.5
     config_file.write_text(json.dumps(info))
+    # someone who also rewrites the digests: the config no longer hashes to its folder's name
+    meta["files"][f"runs/{victim}/config.json"] = results._sha256(config_file)
+    meta["digest"] = results._record_digest(meta)
+    (broken / "study.json").write_text(json.dumps(meta))
     assert any("hashes to" in p for p in results.check_export(broken))
 
 
@@ -105,7 +107,7 @@ def test_print_commands_gives_one_train_command_per_run_that_trains_that_config(
     plan = study.PLANS["smoke"]
     assert len(lines) == len(study.tuning_configs(plan)) + (1 + len(study.TUNED_ARMS)) * len(plan.final_seeds)
     # the first command, run as printed (into another store), trains exactly the first tuning config
-    argv = lines[0].split()[3:]
+    argv = shlex.split(lines[0])[3:]
     argv[argv.index("--runs-dir") + 1] = str(tmp_path)
     assert cli_main(argv) == 0
     trained = load_run(next(tmp_path.glob("*-*")))
@@ -168,3 +170,47 @@ def test_ensure_trains_missing_single_thread_runs_in_a_pool_with_the_same_number
     monkeypatch.chdir(tmp_path)
     ex.ensure(grid, workers=2)
     assert len(list((tmp_path / "default").glob("sam-*/summary.json"))) == 2 and not (tmp_path / "None").exists()
+
+
+def test_noise_testbed_noises_training_and_validation_labels_apart_and_leaves_the_test_set_clean():
+    from aace.config import RunConfig
+    from aace.train import prepare_data
+    noisy = profile_config("cpu-noise", train_subset=200, val_subset=100, test_subset=100)
+    clean = noisy.replace(label_noise=0.0, validation_label_noise=False)
+    cpu = torch.device("cpu")
+    _, train, test, val, _ = prepare_data(noisy, cpu)
+    _, train0, test0, val0, _ = prepare_data(clean, cpu)
+    assert torch.equal(train.images, train0.images) and torch.equal(val.images, val0.images)
+    assert (train.labels != train0.labels).float().mean() == 0.4 and (val.labels != val0.labels).float().mean() == 0.4
+    assert torch.equal(test.labels, test0.labels)
+    with pytest.raises(ValueError, match="RunConfig.validation_label_noise"):
+        RunConfig(validation_label_noise=True)
+
+
+@pytest.mark.parametrize("name", ["cpu", "cpu-noise"])
+def test_reference_plans_tune_every_arm_on_a_grid_and_run_fresh_paired_seeds(name):
+    plan = study.PLANS[name]
+    assert set(plan.rhos) == set(study.TUNED_ARMS) and set(plan.final_arms) == set(study.ALL_ARMS)
+    assert all(len(v) >= 4 for v in plan.rhos.values())
+    assert not set(plan.tuning_seeds) & set(plan.final_seeds)
+    chosen = {k: v[1] for k, v in plan.rhos.items()}
+    finals = study.final_configs(plan, chosen)
+    assert {study.arm_key(c) for c in finals} == set(study.ALL_ARMS)
+    ls = [c for c in finals if study.arm_key(c) == "sgd_ls"]
+    assert {c.label_smoothing for c in ls} == {plan.rhos["sgd_ls"][1]} and {c.rho for c in ls} == {0.0}
+    for c in study.tuning_configs(plan) + finals:
+        assert c.threads == 1 and c.val_subset and c.final_full_test
+        assert study.tuned_value(study.arm_key(c), c) in (0.0, *plan.rhos.get(study.arm_key(c), ()))
+
+
+def test_a_choice_at_the_end_of_its_grid_is_flagged():
+    plan = study.Plan("smoke", {"sam": (0.01, 0.05, 0.2)}, tuning_seeds=(1,), final_seeds=(0,))
+
+    class Fake:
+        def __init__(self, rho, acc):
+            self.config = profile_config("smoke", method="sam", rho=rho, seed=1)
+            self.summary, self.finished = {"val_acc": acc, "status": "finished"}, True
+    chosen = study.choose_rhos(plan, [Fake(0.01, 0.9), Fake(0.05, 0.8), Fake(0.2, 0.7)])
+    assert chosen["sam"]["edge"] == "lowest" and "lowest value of its grid" in study.edge_warnings(chosen)[0]
+    chosen = study.choose_rhos(plan, [Fake(0.01, 0.7), Fake(0.05, 0.9), Fake(0.2, 0.7)])
+    assert chosen["sam"]["edge"] is None and study.edge_warnings(chosen) == []
