@@ -12,6 +12,7 @@ from pathlib import Path
 
 from . import store
 from .config import PROFILES, RunConfig, field_names, profile_config
+from .study import PLANS
 
 
 EXIT_HELP = """exit codes: 0 done; 1 the run diverged; 2 bad option or setting; 3 dataset missing or damaged;
@@ -68,7 +69,7 @@ def main(argv: list[str] | None = None) -> int:
     _add_config_options(train)
 
     study = sub.add_parser("study", help="the tuned comparison: rho grid on a validation split, then fresh seeds")
-    study.add_argument("--profile", default="gpu", choices=("gpu", "cpu", "cpu-noise", "smoke"))
+    study.add_argument("--profile", default="gpu", choices=tuple(PLANS), help="the study: a profile's plan (cpu-reference: the clean reference study, on the cpu profile)")
     study.add_argument("--runs-dir", default=None)
     study.add_argument("--workers", type=int, default=1, help="runs at once (processes sharing the device)")
     study.add_argument("--stop-after", type=float, default=None, metavar="MINUTES",
@@ -159,7 +160,7 @@ def _study(args, argv) -> int:
     if args.print_commands:
         configs = study.tuning_configs(plan, **overrides) + study.final_configs(plan, None, **overrides)
         for config in configs:
-            print(pool.train_command(config, args.profile, args.runs_dir))
+            print(pool.train_command(config, plan.profile, args.runs_dir))
         if not _tuning_done(study, plan, args, overrides):
             again = ["python", "-m", "aace", "study", "--profile", args.profile,
                      *(["--runs-dir", args.runs_dir] if args.runs_dir else []), "--print-commands"]
@@ -203,7 +204,7 @@ def _tuning_done(study, plan, args, overrides) -> bool:
     chosen = {k: v["rho"] for k, v in study.choose_rhos(plan, runs).items()}
     for config in study.final_configs(plan, chosen, **overrides):
         if config.method != "sgd":
-            print(pool.train_command(config, args.profile, args.runs_dir))
+            print(pool.train_command(config, plan.profile, args.runs_dir))
     return True
 
 

@@ -9,7 +9,7 @@ import os
 from dataclasses import dataclass
 
 from . import experiments as ex
-from .study import ALL_ARMS, PLANS, TUNED_ARMS, arm_key, plan_for, run_study
+from .study import ALL_ARMS, PLANS, TUNED_ARMS, arm_key, plan_for, run_study, tuned_value
 
 
 @dataclass
@@ -27,7 +27,7 @@ class Comparison:
         if key not in TUNED_ARMS:
             return None
         if self.tuned:
-            return self.study["chosen"][key]["rho"]
+            return self.study["chosen"][key]["rho"] if key in self.study["chosen"] else None
         name = ALL_ARMS[key].name
         return self.runs[name][0].config.rho if name in self.runs else None
 
@@ -37,7 +37,8 @@ class Comparison:
         if not self.tuned:
             return pd.DataFrame(columns=["arm", "rho", "seed", "val_acc", "train_acc"])
         seeds = set(self.study["plan"]["tuning_seeds"])
-        rows = [{"arm": ALL_ARMS[arm_key(r.config)].name, "rho": r.config.rho, "seed": r.config.seed,
+        rows = [{"arm": ALL_ARMS[arm_key(r.config)].name, "rho": tuned_value(arm_key(r.config), r.config),
+                 "seed": r.config.seed,
                  "val_acc": r.summary.get("val_acc", float("nan")) if r.finished else float("nan"),
                  "train_acc": r.summary.get("train_acc", float("nan")) if r.finished else float("nan")}
                 for r in self.study["runs"] if r.config.seed in seeds and arm_key(r.config) in TUNED_ARMS]

@@ -198,8 +198,9 @@ class RunConfig:
 
     def label(self) -> str:
         """Short human-readable description of the method, e.g. 'SAM+AACE (rho 0.2, unnormalised)'."""
+        smoothing = f"label smoothing {self.label_smoothing:g}" if self.label_smoothing else ""
         if self.method == "sgd":
-            return "SGD"
+            return f"SGD ({smoothing})" if smoothing else "SGD"
         name = "SAM" if self.method == "sam" else "SAM+AACE"
         if self.method == "aace" and self.aace_mode != "ada":
             name += f"-{self.aace_mode}"
@@ -207,7 +208,7 @@ class RunConfig:
             name += f"[{self.perturbation_loss}]"
         norm = "" if self.normalize == (self.method == "sam") else (", normalised" if self.normalize else ", unnormalised")
         update = "" if self.update_loss == "cross_entropy" else f", update {self.update_loss}"
-        return f"{name} (rho {self.rho:g}{norm}{update})"
+        return f"{name} (rho {self.rho:g}{norm}{update}{', ' + smoothing if smoothing else ''})"
 
 
 def field_names() -> list[str]:
@@ -234,6 +235,10 @@ PROFILES: dict[str, dict] = {
                       lr_schedule="cosine", augment="no_cutout", train_subset=1000, val_subset=1000, test_subset=1000,
                       eval_every=4, final_full_test=True, seed=0, threads=1, label_noise=0.4,
                       validation_label_noise=True),
+    # The noise testbed's seconds-long copy (the nbval fixture's second study).
+    "smoke-noise": dict(dataset="fashion_mnist", model="wrn-10-1", epochs=3, batch_size=64, lr=0.1,
+                        lr_schedule="cosine", augment="paper", train_subset=256, val_subset=128, test_subset=256,
+                        seed=0, threads=1, label_noise=0.4, validation_label_noise=True),
     # Full Fashion-MNIST on one GPU (see book/gpu_study): every training image but a stratified 10 % validation
     # split, the full test set, the authors' step schedule and augmentation, bfloat16 autocast. Model and epochs
     # were chosen from throughput measured on an H200 so that the whole study fits 20 minutes.

@@ -3,6 +3,7 @@ checking its integrity, and what the book's pages show of it (the "GPU scale" se
 from __future__ import annotations
 
 import errno
+import gzip
 import hashlib
 import json
 import os
@@ -26,7 +27,7 @@ def git_commit() -> str:
     return head.stdout.strip() + ("+uncommitted changes" if dirty.stdout.strip() else "")
 
 
-EXPORTED_FILES = ("config.json", "metrics.csv", "summary.json")
+EXPORTED_FILES = ("config.json", "metrics.csv", "summary.json", "steps.csv.gz")  # steps compressed (gzip -9n)
 
 
 def _sha256(path: Path) -> str:
@@ -44,6 +45,16 @@ def _read_study(directory: Path) -> dict:
     if not isinstance(study, dict):
         raise ValueError("study.json holds no JSON object")
     return study
+
+
+def _copy(source: Path, name: str, target: Path) -> None:
+    """Copy one exported file of a run folder; ``steps.csv.gz`` from an export's copy or from the store's
+    steps.csv, compressed without a timestamp (the same run gives the same bytes)."""
+    if name != "steps.csv.gz" or (source / name).exists():
+        shutil.copyfile(source / name, target)
+        return
+    with open(source / "steps.csv", "rb") as f, open(target, "wb") as out:
+        out.write(gzip.compress(f.read(), compresslevel=9, mtime=0))
 
 
 def _check_target(directory: Path, record: dict) -> None:
@@ -92,7 +103,8 @@ def export(record: dict, directory, command: str) -> Path:
     from .store import StoreWriteError
     directory = Path(directory).absolute()
     _check_target(directory, record)
-    needed = sum((r.path / name).stat().st_size for r in record["runs"] for name in EXPORTED_FILES)
+    needed = sum(p.stat().st_size for r in record["runs"] for p in r.path.iterdir()
+                 if p.name in EXPORTED_FILES or p.name == "steps.csv")
     directory.parent.mkdir(parents=True, exist_ok=True)
     tmp = directory.with_name(f".{directory.name}.export-{os.getpid()}")
     old = directory.with_name(f".{directory.name}.replaced-{os.getpid()}")
@@ -105,7 +117,7 @@ def export(record: dict, directory, command: str) -> Path:
             (tmp / "runs" / run_.path.name).mkdir()
             for name in EXPORTED_FILES:
                 relative = f"runs/{run_.path.name}/{name}"
-                shutil.copyfile(run_.path / name, tmp / relative)
+                _copy(run_.path, name, tmp / relative)
                 files[relative] = _sha256(tmp / relative)
             env = run_.info.get("environment", {})
             environments.add((env.get("gpu") or env.get("device", "?"), env.get("torch", "?")))
@@ -145,12 +157,17 @@ def export(record: dict, directory, command: str) -> Path:
 def load_export(directory):
     """(study.json as a dict, the exported runs) of an export folder; (None, []) when there is none yet.
     Raises on damage: ``read_export`` reports it instead."""
-    from .store import load_run
     directory = Path(directory)
     if not (directory / "study.json").is_file():
         return None, []
     study = _read_study(directory)
-    return study, [load_run(directory / "runs" / name, with_steps=False) for name in study["runs"]]
+    return study, [_load_exported(directory / "runs" / name) for name in study["runs"]]
+
+
+def _load_exported(path: Path):
+    """An exported run, with its per-step table when the export carries one (exports before aace 0.5 did not)."""
+    from .store import load_run
+    return load_run(path, with_steps=(path / "steps.csv.gz").exists())
 
 
 def read_export(directory, version: str | None = None):
@@ -176,7 +193,6 @@ def check_export(directory, version: str | None = None) -> list[str]:
     its folder name on the device it ran on; a complete study must hold every run of its grid, and its chosen
     rhos must follow from its tuning runs. ``version``: also report an export made by another aace version
     (stale: its runs are not the ones this version trains)."""
-    from .store import load_run
     directory = Path(directory)
     if not (directory / "study.json").is_file():
         return [f"no export in {directory} (no study.json)"]
@@ -198,14 +214,14 @@ def check_export(directory, version: str | None = None) -> list[str]:
             problems.append(f"{relative}: missing")
         elif _sha256(path) != digest:
             problems.append(f"{relative}: its content differs from the export's (SHA-256 mismatch)")
-    listed = {f"runs/{n}/{f}" for n in names for f in EXPORTED_FILES}
+    listed = {f"runs/{n}/{f}" for n in names for f in EXPORTED_FILES if f != "steps.csv.gz"}
     problems += [f"{relative}: not recorded in study.json" for relative in sorted(listed - set(files))]
     if problems:
         return problems
     runs = []
     for name in names:
         try:
-            runs.append(load_run(directory / "runs" / name, with_steps=False))
+            runs.append(_load_exported(directory / "runs" / name))
         except Exception as err:  # noqa: BLE001 - a damaged run is a problem to report, not a crash
             problems.append(f"runs/{name}: unreadable ({err})")
     for r in runs:
@@ -239,7 +255,7 @@ def check_export(directory, version: str | None = None) -> list[str]:
 def runs_in_export(directory):
     """For a study that resumes from an export: a function config -> that config's run read in place from the
     export (or None), and the export's invocation history. Refuses a damaged export (``check_export``)."""
-    from .store import CorruptRun, load_run, run_dir
+    from .store import CorruptRun, run_dir
     from .train import resolve_device
     directory = Path(directory)
     if not (directory / "study.json").is_file():
@@ -253,7 +269,7 @@ def runs_in_export(directory):
 
     def found(config):
         name = run_dir(config, resolve_device(config.device)).name
-        return load_run(directory / "runs" / name, with_steps=False) if name in names else None
+        return _load_exported(directory / "runs" / name) if name in names else None
     return found, study["invocations"]
 
 
@@ -263,7 +279,6 @@ def runs_in_export(directory):
 EXPORTS = {"smoke": "tests/fixtures/study-smoke"}
 DEFAULT_EXPORT = "results/gpu-fashion-mnist"
 from .stats import EQUIVALENCE_MARGIN  # noqa: E402 - the book's rule, named where the statistics are
-COMPARISONS = (("aace", "sam"), ("aace_normalised", "sam"), ("sam", "sgd"))
 
 
 def export_for(profile: str) -> Path:
@@ -283,30 +298,29 @@ def final_runs(study: dict, runs) -> dict:
     return out
 
 
-def verdicts(study: dict, runs, margin: float = EQUIVALENCE_MARGIN):
+def verdicts(study: dict, runs):
     """``verdict_tables`` of a study's final runs at its chosen rhos."""
-    return verdict_tables(final_runs(study, runs), margin)
+    return verdict_tables(final_runs(study, runs))
 
 
-def verdict_tables(finals: dict, margin: float = EQUIVALENCE_MARGIN):
+def verdict_tables(finals: dict):
     """(arms table, comparisons table) of {arm key: final runs}: final test accuracy per arm; per comparison
-    (those of ``COMPARISONS`` whose arms ran) the paired effect, its 95 % interval, the minimum detectable
-    effect, the Holm-adjusted p and a verdict."""
+    (the declared ones whose arms ran) the paired effect, its 95 % interval, the minimum detectable
+    effect at the family's Holm level, the Holm-adjusted p and the declared rule's verdict (``aace.verdicts``)."""
     import pandas as pd
 
-    from . import experiments as ex, stats
-    arms = pd.DataFrame([{"arm": ALL_ARMS[k].name, "rho": "-" if k == "sgd" else f"{rs[0].config.rho:g}",
+    from . import experiments as ex
+    arms = pd.DataFrame([{"arm": ALL_ARMS[k].name, "tuned value": "-" if k == "sgd" else
+                          f"{tuned_value(k, rs[0].config):g}",
                           "test accuracy %": ex.format_runs(rs, ex.FINAL_TEST),
                           "training accuracy %": ex.format_runs(rs, "train_acc")}
                          for k, rs in finals.items()]).set_index("arm")
-    pairs = [(a, b) for a, b in COMPARISONS if a in finals and b in finals]
-    diffs = [ex.paired_difference(finals[b], finals[a], ex.FINAL_TEST) for a, b in pairs]
-    adjusted = stats.holm([stats.p_value(d) for d in diffs])
-    rows = [{"comparison": f"{ALL_ARMS[a].name} − {ALL_ARMS[b].name}", "effect (points)": f"{100 * d['mean']:+.2f}",
-             "95 % CI": f"± {100 * d['ci95']:.2f}", "n (paired seeds)": d["n"],
-             "minimum detectable effect (80 % power)": f"{100 * stats.minimum_detectable_effect(d):.2f}",
-             "Holm-adjusted p": f"{p:.2g}", "verdict": stats.comparison_verdict(d, p, margin)}
-            for (a, b), d, p in zip(pairs, diffs, adjusted)]
+    from .verdicts import verdicts as declared
+    table = declared(finals, "final")
+    rows = [{"comparison": r["comparison"], "question": r["question"], "effect (points)": f"{r['effect (points)']:+.2f}",
+             "95 % interval": r["95 % interval"], "n (paired seeds)": r["paired seeds"],
+             "minimum detectable effect (80 % power)": f"{r['MDE (points)']:.2f}",
+             "Holm-adjusted p": f"{r['Holm-adjusted p']:.2g}", "verdict": r["verdict"]} for _, r in table.iterrows()]
     return arms, pd.DataFrame(rows).set_index("comparison")
 
 
@@ -343,7 +357,7 @@ def gpu_scale_section(profile: str) -> tuple[str, list]:
     text = (f"**Setting:** {first.config.dataset}, {describe(first.config)}, {first.info.get('val_size', 0)} "
             f"validation images; rho tuned per method on the validation split over {study['plan']['rhos']} with "
             f"seeds {study['plan']['tuning_seeds']}, chosen: {chosen}; then seeds {study['plan']['final_seeds']} "
-            f"at the chosen rhos, test accuracy on {first.info.get('test_size')} test images. Three comparisons, "
-            f"Holm-corrected; 'equivalent' means the 95 % interval lies within ±{100 * EQUIVALENCE_MARGIN:.1f} "
+            f"at the chosen rhos, test accuracy on {first.info.get('test_size')} test images. Verdicts by the "
+            f"declared rule: Holm within each question, 'equivalent' by TOST within ±{100 * EQUIVALENCE_MARGIN:.1f} "
             f"points. " + provenance(study))
     return text, list(verdicts(study, runs))

@@ -268,6 +268,8 @@ def load_run(path: Path, missing_ok: bool = False, with_steps: bool = True) -> R
     frames = []
     for name, needed in (("metrics.csv", EPOCH_COLUMNS), ("steps.csv", ("epoch", "step", "grad_norm"))):
         fix = f"training the config again rebuilds it from the checkpoint (or delete {path} to redo the run)"
+        if name == "steps.csv" and not (path / name).exists() and (path / "steps.csv.gz").exists():
+            name = "steps.csv.gz"  # an export's compressed copy
         try:
             frame = pd.read_csv(path / name) if (path / name).exists() else pd.DataFrame(columns=list(needed))
         except (OSError, ValueError, UnicodeDecodeError) as err:

@@ -1,9 +1,16 @@
-"""The statistics behind the verdicts: Student's t, the minimum detectable effect, Holm's correction."""
+"""The book's statistical rules against published values: Student's t tables, R's paired t-test of Student's
+sleep data, R's power.t.test, Holm's procedure as R's p.adjust gives it, TOST against the 90 % interval."""
 import math
 
+import numpy as np
 import pytest
+from scipy import stats as scipy_stats
 
 from aace import stats as st
+
+# Student's sleep data (Cushny & Peebles 1905; R's `sleep`): extra hours of sleep, the same 10 patients, two drugs.
+SLEEP_1 = [0.7, -1.6, -0.2, -1.2, -0.1, 3.4, 3.7, 0.8, 0.0, 2.0]
+SLEEP_2 = [1.9, 0.8, 1.1, 0.1, -0.1, 4.4, 5.5, 1.6, 4.6, 3.4]
 
 
 @pytest.mark.parametrize("q, dof, expected", [  # textbook table values
@@ -11,36 +18,75 @@ from aace import stats as st
     (0.8, 7, 0.896), (0.8, 1, 1.376), (0.95, 4, 2.132), (0.995, 10, 3.169)])
 def test_t_quantiles_match_the_tables(q, dof, expected):
     assert st.t_quantile(q, dof) == pytest.approx(expected, abs=1e-3)
-
-
-def test_t_cdf_is_a_distribution_function():
-    assert st.t_cdf(0.0, 5) == pytest.approx(0.5, abs=1e-12)
-    assert st.t_cdf(-2.0, 5) == pytest.approx(1 - st.t_cdf(2.0, 5), abs=1e-12)
-    assert st.t_cdf(1.0, 1) == pytest.approx(0.75, abs=1e-9)  # Cauchy: 1/2 + atan(1)/pi
     assert math.isnan(st.t_quantile(0.5, 0))
 
 
-def test_p_value_and_minimum_detectable_effect_by_hand():
-    d = st.spread([0.01, 0.03, 0.02, 0.02])  # mean 0.02, sd 0.008165, n 4
-    t = 0.02 / (d["std"] / 2)
-    assert st.p_value(d) == pytest.approx(2 * (1 - st.t_cdf(t, 3)))
-    assert 0.01 < st.p_value(d) < 0.02  # t = 4.90 lies between the tables' 4.541 (p 0.02) and 5.841 (p 0.01)
-    assert st.minimum_detectable_effect(d) == pytest.approx((3.182 + 0.978) * d["std"] / 2, rel=1e-3)
+def test_paired_t_test_of_the_sleep_data_matches_r():
+    # R: t.test(extra ~ group, data = sleep, paired = TRUE): t = -4.0621, df = 9, p-value = 0.002833,
+    # 95 percent confidence interval -2.4598858 -0.7001142, mean difference -1.58
+    d = st.spread(np.subtract(SLEEP_1, SLEEP_2))
+    assert d["mean"] == pytest.approx(-1.58)
+    assert st.p_value(d) == pytest.approx(0.002833, abs=5e-7)
+    assert st.interval(d) == pytest.approx((-2.4598858, -0.7001142), abs=1e-7)
+    assert d["ci95"] == pytest.approx((-0.7001142 + 2.4598858) / 2, abs=1e-7)
+    summary_only = {k: d[k] for k in ("mean", "std", "n")}  # the same test from the summary alone
+    assert st.p_value(summary_only) == pytest.approx(st.p_value(d), rel=1e-9)
+
+
+def test_power_matches_r_and_the_mde_has_the_declared_power():
+    # R: power.t.test(n = 20, delta = 1) (two-sample, sd 1, two-sided 0.05): power = 0.8689528. statsmodels'
+    # noncentral-t computation, which the MDE uses in its one-sample (paired) form, reproduces it.
+    from statsmodels.stats.power import TTestIndPower
+    assert TTestIndPower().power(effect_size=1.0, nobs1=20, alpha=0.05) == pytest.approx(0.8689528, abs=1e-6)
+    d = st.spread([0.01, 0.03, 0.02, 0.02, 0.0, 0.04, 0.015, 0.025])
+    for alpha in (0.05, 0.05 / 3):
+        mde = st.minimum_detectable_effect(d, alpha=alpha)
+        # the power of the paired t-test at that true difference, from scipy's noncentral t directly
+        n, crit = d["n"], scipy_stats.t.ppf(1 - alpha / 2, d["n"] - 1)
+        nc = mde / d["std"] * math.sqrt(n)
+        power = scipy_stats.nct.sf(crit, n - 1, nc) + scipy_stats.nct.cdf(-crit, n - 1, nc)
+        assert power == pytest.approx(0.8, abs=1e-6)
+    assert st.minimum_detectable_effect(d, alpha=0.05 / 3) > st.minimum_detectable_effect(d)
     assert math.isnan(st.minimum_detectable_effect(st.spread([0.1])))
 
 
-def test_holm_steps_down_and_stays_monotone():
-    assert st.holm([0.01, 0.04, 0.03]) == pytest.approx([0.03, 0.06, 0.06])
-    assert st.holm([0.5]) == [0.5]
+def test_holm_matches_r_and_ignores_nan_whatever_the_order():
+    # R: p.adjust(c(0.01, 0.04, 0.03, 0.005), "holm") = 0.03 0.06 0.06 0.02
+    assert st.holm([0.01, 0.04, 0.03, 0.005]) == pytest.approx([0.03, 0.06, 0.06, 0.02])
     assert st.holm([0.9, 0.6]) == pytest.approx([1.0, 1.0])
+    a, b = st.holm([float("nan"), 0.01, 0.04]), st.holm([0.04, float("nan"), 0.01])
+    assert math.isnan(a[0]) and a[1:] == pytest.approx([0.02, 0.04])
+    assert math.isnan(b[1]) and [b[0], b[2]] == pytest.approx([0.04, 0.02])
+    assert all(math.isnan(p) for p in st.holm([float("nan")]))
 
 
-def test_verdict_says_what_it_could_see():
+@pytest.mark.parametrize("shift", [0.0, 0.002, -0.003, 0.004, 0.006])
+def test_tost_rejects_exactly_when_the_90_percent_interval_lies_inside_the_margin(shift):
+    rng = np.random.default_rng(7)
+    d = st.spread(shift + rng.normal(0, 0.004, size=12))
+    lo, hi = st.interval(d, 0.90)
+    inside = -st.EQUIVALENCE_MARGIN < lo and hi < st.EQUIVALENCE_MARGIN
+    assert (st.tost_p(d, st.EQUIVALENCE_MARGIN) < 0.05) == inside
+
+
+def test_verdicts_follow_the_declared_rule():
     clear = st.spread([0.02, 0.021, 0.019, 0.02])
-    assert st.comparison_verdict(clear, 0.001, 0.015).startswith("higher by 2.00 points")
-    tight = st.spread([0.001, -0.001, 0.0, 0.002, -0.002, 0.001])
-    assert st.comparison_verdict(tight, 0.9, 0.015) == "equivalent within ±1.5 points"
+    assert st.comparison_verdict(clear, 0.001).startswith("better by 2.00 points (Holm-adjusted p = 0.001)")
+    assert st.comparison_verdict(st.spread([-v for v in clear["values"]]), 0.001).startswith("worse by 2.00")
+    tight = st.spread([0.001, -0.001, 0.0, 0.002, -0.002, 0.001, 0.0, -0.001])
+    assert st.comparison_verdict(tight, 0.9).startswith("equivalent within ±0.5 points (TOST p")
     wide = st.spread([0.05, -0.05, 0.02, -0.03])
-    text = st.comparison_verdict(wide, 0.9, 0.015)
-    assert text.startswith("cannot tell: differences below") and f"{100 * st.minimum_detectable_effect(wide):.1f}" in text
-    assert st.comparison_verdict(st.spread([0.1]), float("nan"), 0.015) == "cannot tell: one seed"
+    lo, hi = st.interval(wide)
+    assert st.comparison_verdict(wide, 0.9) == f"inconclusive: compatible with [{100 * lo:+.2f}, {100 * hi:+.2f}] points"
+    # significant before Holm, not after: never "better"
+    assert st.comparison_verdict(clear, 0.06).startswith(("equivalent", "inconclusive"))
+    assert st.comparison_verdict(st.spread([0.1]), float("nan")) == "inconclusive: one seed"
+    assert st.EQUIVALENCE_MARGIN == 0.005 and "Foret et al. 2021, Table 5" in st.MARGIN_SOURCE
+
+
+def test_prediction_interval_for_a_mean_of_k_new_seeds():
+    d = st.spread([0.01, 0.02, 0.0, 0.015, 0.005, 0.01])
+    lo, hi = st.prediction_interval(d, 2)
+    half = scipy_stats.t.ppf(0.975, 5) * d["std"] * math.sqrt(1 / 6 + 1 / 2)
+    assert (lo, hi) == pytest.approx((d["mean"] - half, d["mean"] + half))
+    assert st.prediction_interval(d, 1)[1] - st.prediction_interval(d, 1)[0] > hi - lo

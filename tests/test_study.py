@@ -60,7 +60,7 @@ def test_smoke_study_runs_in_two_workers_exports_and_passes_its_integrity_check(
     meta, runs = results.load_export(export_dir)
     plan = study.PLANS["smoke"]
     n_tuning = sum(len(r) for r in plan.rhos.values()) * len(plan.tuning_seeds)
-    assert len(runs) == n_tuning + (1 + len(study.TUNED_ARMS)) * len(plan.final_seeds)
+    assert len(runs) == n_tuning + (1 + len(plan.rhos)) * len(plan.final_seeds)
     assert results.check_export(export_dir) == []
     assert meta["aace_version"] and meta["git_commit"] and meta["command"].startswith("python -m aace study")
     assert meta["invocations"][0]["workers"] == 2
@@ -105,7 +105,7 @@ def test_print_commands_gives_one_train_command_per_run_that_trains_that_config(
                      "--threads", "1"]) == 0
     lines = [line for line in capsys.readouterr().out.splitlines() if line.startswith("python -m aace train")]
     plan = study.PLANS["smoke"]
-    assert len(lines) == len(study.tuning_configs(plan)) + (1 + len(study.TUNED_ARMS)) * len(plan.final_seeds)
+    assert len(lines) == len(study.tuning_configs(plan)) + (1 + len(plan.rhos)) * len(plan.final_seeds)
     # the first command, run as printed (into another store), trains exactly the first tuning config
     argv = shlex.split(lines[0])[3:]
     argv[argv.index("--runs-dir") + 1] = str(tmp_path)
@@ -143,10 +143,10 @@ def test_main_comparison_reads_the_study_and_the_claims_table_has_every_claim(sm
     plan = study.PLANS["smoke"]
     assert list(comp.runs) == [study.ALL_ARMS[k].name for k in plan.final_arms]
     assert all(sorted(r.config.seed for r in rs) == list(plan.final_seeds) for rs in comp.runs.values())
-    for key in study.TUNED_ARMS:
+    for key in plan.rhos:
         assert {r.config.rho for r in comp.runs[study.ALL_ARMS[key].name]} == {comp.rho_of(key)}
     assert len(comp.tuning_frame()) == len(study.tuning_configs(plan))
-    assert comp.tuning_table()["chosen"].tolist().count("◀") == len(study.TUNED_ARMS)
+    assert comp.tuning_table()["chosen"].tolist().count("◀") == len(plan.rhos)
     arms, verdicts = comp.verdicts()
     assert len(verdicts) == 3 and verdicts["verdict"].str.len().gt(0).all()
     table = claims.evaluate(comp)
@@ -187,7 +187,7 @@ def test_noise_testbed_noises_training_and_validation_labels_apart_and_leaves_th
         RunConfig(validation_label_noise=True)
 
 
-@pytest.mark.parametrize("name", ["cpu", "cpu-noise"])
+@pytest.mark.parametrize("name", ["cpu-reference", "cpu-noise"])
 def test_reference_plans_tune_every_arm_on_a_grid_and_run_fresh_paired_seeds(name):
     plan = study.PLANS[name]
     assert set(plan.rhos) == set(study.TUNED_ARMS) and set(plan.final_arms) == set(study.ALL_ARMS)

@@ -1,0 +1,68 @@
+"""The book's declared questions and the verdicts on them (the rule itself is ``aace.stats``'s).
+
+Declared before the reference runs (issue 23): two questions, each one Holm family, each scored two ways. The
+positive control comes first: on a testbed where SAM does not beat SGD, nothing can be said about whether a
+better perturbation helps SAM, and every AACE verdict there says so. The same comparison has the same family,
+so the same p and verdict, on every page.
+"""
+from __future__ import annotations
+
+from . import stats
+from .study import ALL_ARMS
+
+# The questions, each one Holm family: (a, b) reads "a − b".
+FAMILIES = {
+    "positive control": (("sam", "sgd"),),
+    "AACE": (("aace", "sam"), ("aace_normalised", "sam"), ("aace", "sgd_ls")),
+}
+SCORINGS = {
+    "final": "final-epoch test accuracy (on the whole test set where the run scored it there)",
+    "best": "test accuracy at the epoch of best validation accuracy (the epoch chosen on the validation split, "
+            "never on the test set; on the test subset the runs score during training)",
+}
+NO_CONTROL = "this testbed cannot see SAM's own effect"
+
+
+def score(run_, scoring: str) -> float:
+    """A run's accuracy under a declared scoring (NaN for a run that did not finish)."""
+    from .experiments import FINAL_TEST, final_value
+    if not run_.finished:
+        return float("nan")
+    if scoring == "final":
+        return final_value(run_, FINAL_TEST)
+    scored = run_.metrics.dropna(subset=["val_acc"])
+    return float(scored.loc[scored["val_acc"].idxmax(), "test_acc"])  # the earliest epoch among ties
+
+
+def paired(finals_: dict, a: str, b: str, scoring: str) -> dict:
+    """``stats.spread`` of a − b over the seeds both arms finished (a diverged run drops its seed)."""
+    by_seed = {r.config.seed: score(r, scoring) for r in finals_[b]}
+    values = [score(r, scoring) - by_seed[r.config.seed] for r in finals_[a] if r.config.seed in by_seed]
+    return stats.spread([v for v in values if v == v])
+
+
+def name(a: str, b: str) -> str:
+    return f"{ALL_ARMS[a].name} − {ALL_ARMS[b].name}"
+
+
+def verdicts(finals_: dict, scoring: str = "final"):
+    """One row per declared comparison: its family, effect, 95 % interval, n, MDE at the family's Holm level,
+    Holm-adjusted p and the rule's verdict; the AACE family's verdicts carry the positive control's outcome."""
+    import pandas as pd
+    rows, control_seen = [], None
+    for family, pairs in FAMILIES.items():
+        pairs = [(a, b) for a, b in pairs if a in finals_ and b in finals_]
+        diffs = [paired(finals_, a, b, scoring) for a, b in pairs]
+        adjusted = stats.holm([stats.p_value(d) for d in diffs])
+        for (a, b), d, p in zip(pairs, diffs, adjusted):
+            verdict = stats.comparison_verdict(d, p)
+            if family == "positive control":
+                control_seen = verdict.startswith("better")
+            elif control_seen is False:
+                verdict += f"; {NO_CONTROL}"
+            lo, hi = stats.interval(d)
+            rows.append({"question": family, "comparison": name(a, b), "effect (points)": 100 * d["mean"],
+                         "95 % interval": f"[{100 * lo:+.2f}, {100 * hi:+.2f}]", "paired seeds": d["n"],
+                         "MDE (points)": 100 * stats.minimum_detectable_effect(d, stats.family_alpha(len(pairs))),
+                         "Holm-adjusted p": p, "verdict": verdict})
+    return pd.DataFrame(rows)
