@@ -7,13 +7,15 @@ import signal
 import subprocess
 import sys
 import threading
+import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 NOTEBOOK_DIR = ROOT / "notebooks"
 # In reading order; each becomes a page of the book.
-NOTEBOOKS = ["intro", "aace_loss", "comparison", "convergence", "table2", "table3", "ablations", "claims", "label_noise", "performance",
-             "own_training_loop"]
+NOTEBOOKS = ["intro", "replication", "aace_loss", "comparison", "convergence", "table2", "table3", "ablations", "claims",
+             "label_noise", "performance", "own_training_loop", "build_report"]
+REPORT = "build_report.json"  # beside the executed pages: what each page's last execution trained and read
 
 
 class PageFailed(Exception):
@@ -22,8 +24,8 @@ class PageFailed(Exception):
 
     def __init__(self, name: str, ename: str, evalue: str):
         self.exit_code = 2 if ename in ("ValueError", "TypeError") else 1
-        super().__init__(f"page {name}: {ename}: {evalue} (the page of the last good build is kept; "
-                         f"notebooks/{name}.ipynb shows the cell, --debug the traceback)")
+        super().__init__(f"page {name}: {ename}: {evalue} (the page of the last good build is kept; --debug shows "
+                         f"the notebook's traceback)")
 
 
 def _kernels() -> list[int]:
@@ -99,8 +101,14 @@ def execute_notebooks(profile: str, names: list[str] | None = None, parameters: 
     executed = []
     for name in names:
         own = {"profile": profile, **{k: v for k, v in parameters.items() if k in declared[name]}}
+        if name == "build_report":
+            own.setdefault("report", str((output_dir / REPORT).resolve()))
         target, partial = output_dir / f"{name}.ipynb", output_dir / f".{name}.executing.ipynb"
         print(f"executing {name} with {own}", flush=True)
+        log = output_dir / f".{name}.runs.log"
+        log.unlink(missing_ok=True)
+        os.environ["AACE_RUN_LOG"] = str(log.resolve())  # the kernel and its training children inherit it
+        started = time.time()
         try:
             with _interrupts_reach_the_kernel() as got:
                 try:
@@ -113,10 +121,42 @@ def execute_notebooks(profile: str, names: list[str] | None = None, parameters: 
                 raise KeyboardInterrupt if got["signal"] == signal.SIGINT else Terminated()
             hide_parameter_cells(partial)
             os.replace(partial, target)
+            record_page(output_dir, name, own, time.time() - started, log)
         finally:
             partial.unlink(missing_ok=True)
+            log.unlink(missing_ok=True)
+            os.environ.pop("AACE_RUN_LOG", None)
         executed.append(target)
     return executed
+
+
+def record_page(output_dir: Path, name: str, parameters: dict, seconds: float, log: Path) -> None:
+    """Add a page's entry to the build report: its time, the runs it trained and read (store, export), the
+    machine, the version and the commit. Pages not executed this time keep their last entry."""
+    import json
+
+    from . import __version__
+    from .results import git_commit, machine
+    kinds = {}
+    try:
+        for line in log.read_text().splitlines():
+            kind, _, path = line.partition("\t")
+            kinds.setdefault(kind, set()).add(path)
+    except OSError:
+        pass
+    trained = kinds.get("trained", set())
+    report_file = output_dir / REPORT
+    try:
+        report = json.loads(report_file.read_text())
+    except (OSError, ValueError):
+        report = {}
+    report[name] = {"seconds": seconds, "parameters": parameters, "runs_trained": len(trained),
+                    "runs_read_from_store": len(kinds.get("store", set()) - trained),
+                    "runs_read_from_exports": len(kinds.get("export", set())),
+                    "executed": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "machine": machine(),
+                    "aace_version": __version__, "git_commit": git_commit()}
+    from .store import _atomic_write_text
+    _atomic_write_text(report_file, json.dumps(report, indent=2, sort_keys=True) + "\n")
 
 
 def hide_parameter_cells(path: Path) -> None:

@@ -202,3 +202,35 @@ def paired_effects(values_by_name: dict, margin: float | None = None, unit: str 
     ax.grid(alpha=0.3, axis="x")
     fig.tight_layout()
     return fig
+
+
+def replication(rows: list[tuple[str, float, float, float]], unit: str = "points"):
+    """Per replicated comparison (label, this build's effect, the reference's prediction interval lo, hi): the
+    interval as a bar, the build's value as a dot, green inside and red outside."""
+    fig, ax = plt.subplots(figsize=(7.0, 1.2 + 0.45 * len(rows)))
+    for i, (label, value, lo, hi) in enumerate(rows):
+        ax.plot([lo, hi], [i, i], color="0.6", lw=6, solid_capstyle="butt", zorder=2)
+        inside = lo <= value <= hi
+        ax.scatter([value], [i], color="tab:green" if inside else "tab:red", s=30, zorder=3)
+    ax.axvline(0.0, color="k", lw=1)
+    ax.set_yticks(range(len(rows)), [r[0] for r in rows])
+    ax.set_ylim(len(rows) - 0.5, -0.8)
+    ax.set_xlabel(f"paired effect ({unit}); bar: the reference's 95 % prediction interval; dot: this build")
+    ax.grid(alpha=0.3, axis="x")
+    fig.tight_layout()
+    return fig
+
+
+def build_times(minutes: dict, trained: dict):
+    """Minutes per page of the last build (bars), each labelled with the runs it trained."""
+    fig, ax = plt.subplots(figsize=(7.0, 1.0 + 0.3 * len(minutes)))
+    names = list(minutes)
+    ax.barh(range(len(names)), [minutes[n] for n in names], color="tab:blue", alpha=0.7)
+    for i, n in enumerate(names):
+        ax.text(minutes[n], i, f"  {trained.get(n, 0)} trained", va="center", fontsize=8)
+    ax.set_yticks(range(len(names)), names)
+    ax.invert_yaxis()
+    ax.set_xlabel("minutes to execute the page")
+    ax.grid(alpha=0.3, axis="x")
+    fig.tight_layout()
+    return fig

@@ -129,7 +129,7 @@ def _stop(children, signum) -> None:
 
 
 def run_pool(configs: list[RunConfig], runs_dir=None, workers: int = 1, deadline: float | None = None,
-             log=print, profile: str | None = None, found=None) -> tuple[list, bool, int]:
+             log=None, profile: str | None = None, found=None) -> tuple[list, bool, int]:
     """Train (or read back) every config, ``workers`` child processes at a time; returns (runs, complete,
     trained), ``trained`` the runs these children trained (not read back). After ``deadline`` (a time.time())
     no new run starts; the ones under way finish. ``found(config)``: a stored run from elsewhere (an export),
@@ -139,6 +139,7 @@ def run_pool(configs: list[RunConfig], runs_dir=None, workers: int = 1, deadline
     if not (isinstance(workers, int) and not isinstance(workers, bool) and workers >= 1):
         raise ValueError(f"--workers: expected an integer >= 1, got {workers!r}")
     runs_dir = Path(runs_dir or default_runs_dir()).resolve()  # the children get the same store whatever their cwd
+    log = log or (lambda line: print(line, flush=True))
     runs, pending, trained = [], [], 0
     for config in configs:  # what the store (or an export) holds is read here; only the rest starts a process
         elsewhere = found(config) if found else None

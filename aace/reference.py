@@ -106,7 +106,6 @@ def replication(testbed: str, profile: str = "cpu", runs_dir=None, seeds=REPLICA
     import pandas as pd
 
     from .experiments import ensure
-    from .train import cpu_model
     study, runs, problems = read(testbed, profile)
     if study is None:
         return None, None, problems
@@ -116,19 +115,18 @@ def replication(testbed: str, profile: str = "cpu", runs_dir=None, seeds=REPLICA
     grid = {ALL_ARMS[key]: [r.config for r in rs] for key, rs in slice_.items()}
     local = {arm: rs for arm, rs in ensure(grid, runs_dir).items()}
     local = {key: local[ALL_ARMS[key]] for key in slice_}
-    import torch
-    here = (cpu_model(), torch.backends.cpu.get_cpu_capability())
     rows = []
     for key, rs in slice_.items():
         for ref, new in zip(rs, local[key]):
-            env = ref.info.get("environment", {})
-            same_kind = (env.get("cpu"), env.get("instruction_set")) == here
+            env, here = ref.info.get("environment", {}), new.info.get("environment", {})
+            same_kind = (env.get("cpu"), env.get("instruction_set")) == (here.get("cpu"), here.get("instruction_set"))
             a, b = score(ref, "final"), score(new, "final")
             identical = ref.metrics["test_acc"].equals(new.metrics["test_acc"]) and a == b
             rows.append({"testbed": bed.title, "arm": ALL_ARMS[key].name, "seed": ref.config.seed,
                          "reference %": 100 * a, "this build %": 100 * b, "difference (points)": 100 * (b - a),
-                         "bit-identical": "yes" if identical else "no", "same kind of machine": "yes" if same_kind
-                         else f"no (reference: {env.get('cpu', '?')}, {env.get('instruction_set', '?')})"})
+                         "bit-identical": "yes" if identical else "no",
+                         "same kind of machine": "yes" if same_kind else "no",
+                         "reference machine": f"{env.get('cpu', '?')} ({env.get('instruction_set', '?')})"})
     effects = []
     for pairs in FAMILIES.values():
         for a, b in pairs:

@@ -13,6 +13,7 @@ import subprocess
 import time
 from pathlib import Path
 
+from .machine import machine
 from .study import ALL_ARMS, Plan, _utc, arm_key, choose_rhos, final_configs, tuned_value, tuning_configs
 
 
@@ -78,20 +79,6 @@ def _check_target(directory: Path, record: dict) -> None:
     if study.get("profile") != record["profile"] or study.get("plan") != record["plan"]:
         raise ValueError(f"--export {directory}: holds the export of another study (profile "
                          f"{study.get('profile')!r}); give a new or empty folder (nothing was written)")
-
-
-def machine() -> dict:
-    """The machine an export was written on: CPU model, instruction set torch uses, cores, GPU if any."""
-    import platform
-
-    import torch
-
-    from .train import cpu_model
-    info = {"cpu": cpu_model(), "instruction_set": torch.backends.cpu.get_cpu_capability(),
-            "cores": os.cpu_count(), "machine": platform.machine()}
-    if torch.cuda.is_available():
-        info["gpu"] = torch.cuda.get_device_name(0)
-    return info
 
 
 def export(record: dict, directory, command: str) -> Path:
@@ -166,7 +153,8 @@ def load_export(directory):
 
 def _load_exported(path: Path):
     """An exported run, with its per-step table when the export carries one (exports before aace 0.5 did not)."""
-    from .store import load_run
+    from .store import load_run, note_use
+    note_use("export", path)
     return load_run(path, with_steps=(path / "steps.csv.gz").exists())
 
 
@@ -317,10 +305,9 @@ def verdict_tables(finals: dict):
                          for k, rs in finals.items()]).set_index("arm")
     from .verdicts import verdicts as declared
     table = declared(finals, "final")
-    rows = [{"comparison": r["comparison"], "question": r["question"], "effect (points)": f"{r['effect (points)']:+.2f}",
-             "95 % interval": r["95 % interval"], "n (paired seeds)": r["paired seeds"],
-             "minimum detectable effect (80 % power)": f"{r['MDE (points)']:.2f}",
-             "Holm-adjusted p": f"{r['Holm-adjusted p']:.2g}", "verdict": r["verdict"]} for _, r in table.iterrows()]
+    rows = [{"comparison": r["comparison"], "effect [95 % interval]": f"{r['effect (points)']:+.2f} {r['95 % interval']}", "n": r["paired seeds"],
+             "MDE (80 % power)": f"{r['MDE (points)']:.2f}", "Holm p": f"{r['Holm-adjusted p']:.2g}",
+             "verdict": r["verdict"]} for _, r in table.iterrows()]
     return arms, pd.DataFrame(rows).set_index("comparison")
 
 

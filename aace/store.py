@@ -32,6 +32,18 @@ import torch
 from .config import RunConfig
 
 
+def note_use(kind: str, path: Path) -> None:
+    """Where a run came from ("trained", "store", "export"), appended to $AACE_RUN_LOG when it is set: the book's
+    build report counts them per page. Best effort: a log that cannot be written never stops a run."""
+    log = os.environ.get("AACE_RUN_LOG")
+    if log:
+        try:
+            with open(log, "a") as f:
+                f.write(f"{kind}\t{Path(path).resolve()}\n")
+        except OSError:
+            pass
+
+
 def default_runs_dir() -> Path:
     return Path(os.environ.get("AACE_RUNS", "runs"))
 
@@ -229,6 +241,24 @@ class Run:
     @property
     def finished(self) -> bool:
         return self.status == "finished"
+
+
+def remove_empty_run_dir(run_dir: Path) -> None:
+    """A run folder that holds nothing but its lock goes: a failed start leaves no trace in the store."""
+    try:
+        if {p.name for p in run_dir.iterdir()} <= {"lock"}:
+            (run_dir / "lock").unlink(missing_ok=True)
+            run_dir.rmdir()
+    except OSError:
+        pass
+
+
+def write_status(run_dir, summary: dict) -> None:
+    """Best effort: a truthful summary.json after a stop (on a full disk even this may not fit)."""
+    try:
+        write_summary(run_dir, summary)
+    except OSError:
+        pass
 
 
 def holds_config(path: Path, config: RunConfig) -> bool:

@@ -219,7 +219,12 @@ def check_stop_after(minutes) -> None:
         raise ValueError(f"--stop-after: expected a finite number of minutes >= 0, got {minutes!r}")
 
 
-def run_study(profile: str, runs_dir=None, workers: int = 1, stop_after: float | None = None, log=print,
+def say(line: str) -> None:
+    """A progress line, at once (a log file or a pipe would otherwise hold it back)."""
+    print(line, flush=True)
+
+
+def run_study(profile: str, runs_dir=None, workers: int = 1, stop_after: float | None = None, log=say,
               plan: Plan | None = None, found=None, earlier_invocations=(), **overrides) -> dict:
     """Tuning grid and SGD first, then the tuned arms' final seeds at their chosen rhos. Returns the study's
     record (what ``export`` writes as study.json), with ``complete`` False when ``stop_after`` seconds ran out.

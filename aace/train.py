@@ -11,7 +11,6 @@ from __future__ import annotations
 import contextlib
 import math
 import os
-import platform
 import sys
 import time
 from pathlib import Path
@@ -19,6 +18,7 @@ from pathlib import Path
 import torch
 
 from . import distributed, store
+from .machine import environment
 from .config import RunConfig
 from .data import (ArrayData, BatchLoader, load_dataset, mean_std, spec, stratified_subset, symmetric_label_noise,
                    train_validation_split)
@@ -47,25 +47,6 @@ def learning_rate(config: RunConfig, step: int, total_steps: int) -> float:
         return config.lr * 0.5 * (1.0 + math.cos(math.pi * step / total_steps))
     passed = sum(step >= int(fraction * total_steps) for fraction in (0.3, 0.6, 0.8))
     return config.lr * 0.2 ** passed
-
-
-def cpu_model() -> str:
-    """The CPU's model name (/proc/cpuinfo), which with the instruction set decides a CPU run's last bits."""
-    try:
-        return next(line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
-                    if line.startswith("model name"))
-    except (OSError, StopIteration):
-        return platform.processor() or "unknown"
-
-
-def environment(device: torch.device) -> dict:
-    import torchvision
-    info = {"torch": torch.__version__, "torchvision": torchvision.__version__, "python": platform.python_version(),
-            "device": str(device), "threads": torch.get_num_threads(), "machine": platform.machine(),
-            "cpu": cpu_model(), "instruction_set": torch.backends.cpu.get_cpu_capability()}
-    if device.type == "cuda":
-        info["gpu"] = torch.cuda.get_device_name(device)
-    return info
 
 
 # Evaluation batch: on 2 CPU cores WRN-10-1 evaluates 1,000 images in 370 ms as one batch and in 200 ms as
@@ -263,6 +244,7 @@ def run(config: RunConfig, runs_dir: str | os.PathLike | None = None, *, progres
         except store.CorruptRun:
             existing = None  # handled under the lock below
         if existing is not None and existing.summary.get("status") in ("finished", "diverged"):
+            store.note_use("store", run_dir)
             return existing
     world = distributed.world_from_env()
     if world.active and config.batch_size % world.size:
@@ -279,6 +261,7 @@ def run(config: RunConfig, runs_dir: str | os.PathLike | None = None, *, progres
             print(f"warning: {err}\nrebuilding the run's tables from its checkpoint", file=sys.stderr)
             existing = None
         if existing is not None and existing.summary.get("status") in ("finished", "diverged"):
+            store.note_use("store", run_dir)
             return existing
         frozen = os.environ.get("AACE_FROZEN_RUNS")
         if frozen and Path(frozen).resolve() == run_dir.parent.resolve():
@@ -290,7 +273,7 @@ def run(config: RunConfig, runs_dir: str | os.PathLike | None = None, *, progres
                 return _train(config, device, run_dir, progress, world)
         except BaseException:
             if world.main and not (run_dir / "config.json").exists():  # stopped before it began (bad data)
-                _remove_empty_run_dir(run_dir)
+                store.remove_empty_run_dir(run_dir)
             raise
         finally:
             torch.set_num_threads(threads)  # a run's own thread count stays with the run
@@ -405,12 +388,12 @@ def _train(config: RunConfig, device: torch.device, run_dir, progress, world: di
     except (KeyboardInterrupt, store.Terminated) as err:
         name = "SIGINT" if isinstance(err, KeyboardInterrupt) else "SIGTERM"
         if main:
-            _write_status(run_dir, {"status": "interrupted", "signal": name, "epochs_done": checkpointed,
+            store.write_status(run_dir, {"status": "interrupted", "signal": name, "epochs_done": checkpointed,
                                     "epochs": config.epochs, "at": time.strftime("%Y-%m-%dT%H:%M:%S%z")})
         raise store.RunInterrupted(run_dir, name, checkpointed, config.epochs) from None
     except store.StoreWriteError as err:
         if main:
-            _write_status(run_dir, {"status": "failed", "error": err.strerror, "epochs_done": checkpointed,
+            store.write_status(run_dir, {"status": "failed", "error": err.strerror, "epochs_done": checkpointed,
                                     "epochs": config.epochs})
         raise
     finally:
@@ -419,25 +402,8 @@ def _train(config: RunConfig, device: torch.device, run_dir, progress, world: di
     distributed.barrier(world)  # the other ranks read the store only once rank 0 has written it
     result = store.load_run(run_dir)
     result.trained = True
+    store.note_use("trained", run_dir)
     return result
-
-
-def _remove_empty_run_dir(run_dir: Path) -> None:
-    """A run folder that holds nothing but its lock goes: a failed start leaves no trace in the store."""
-    try:
-        if {p.name for p in run_dir.iterdir()} <= {"lock"}:
-            (run_dir / "lock").unlink(missing_ok=True)
-            run_dir.rmdir()
-    except OSError:
-        pass
-
-
-def _write_status(run_dir, summary: dict) -> None:
-    """Best effort: a truthful summary.json after a stop (on a full disk even this may not fit)."""
-    try:
-        store.write_summary(run_dir, summary)
-    except OSError:
-        pass
 
 
 def _epoch_row(epoch, stats, n_train, test_loss, test_acc, seconds) -> dict:

@@ -68,8 +68,8 @@ def test_fixture_export_passes_its_integrity_check_and_the_book_section_reads_it
     text, tables = results.gpu_scale_section("smoke")
     assert text.startswith("**Setting:**") and "Reproduce with `python -m aace study --profile smoke" in text
     arms, comparisons = tables
-    assert list(comparisons.index) == ["SAM+AACE − SAM", "SAM+AACE, normalised step − SAM", "SAM − SGD"]
-    assert "minimum detectable effect (80 % power)" in comparisons.columns
+    assert list(comparisons.index) == ["SAM − SGD", "SAM+AACE − SAM", "SAM+AACE, normalised step − SAM"]
+    assert "MDE (80 % power)" in comparisons.columns
     meta = json.loads((FIXTURES / "study-smoke" / "study.json").read_text())
     assert len(arms) == 1 + len(meta["chosen"])
 
@@ -85,6 +85,10 @@ def test_config_without_val_subset_keeps_its_hash():
     """Adding val_subset (default None) must not orphan the runs stored before it existed."""
     assert RunConfig(method="sam").run_hash("cuda") == RunConfig(method="sam", val_subset=None).run_hash("cuda")
     assert RunConfig(method="sam").run_hash("cuda") != RunConfig(method="sam", val_subset=100).run_hash("cuda")
+    # nor validation_label_noise (default False): the runs of aace 0.4.0 keep their hashes
+    noisy = RunConfig(method="sam", label_noise=0.4)
+    assert noisy.run_hash("cuda") == RunConfig(method="sam", label_noise=0.4, validation_label_noise=False).run_hash("cuda")
+    assert noisy.run_hash("cuda") != RunConfig(method="sam", label_noise=0.4, validation_label_noise=True).run_hash("cuda")
 
 
 def test_hash_at_another_version_is_what_that_version_computed(monkeypatch):

@@ -116,7 +116,7 @@ def test_thread_count_changes_the_numbers_so_it_changes_the_run(tmp_path):
     ("rho", -0.1, ">= 0"), ("rho", float("nan"), ">= 0"), ("epochs", 0, "integer >= 1"), ("epochs", 2.5, "integer"),
     ("batch_size", True, "integer"), ("lr_schedule", "linear", "cosine"), ("aace_mode", "adaptive", "ada"),
     ("aace_threshold", 2.0, r"\[0.0, 1.0\]"), ("label_smoothing", 1.0, r"\[0, 1\)"), ("momentum", -1, "number"),
-    ("train_subset", 0, "integer >= 1"), ("seed", -1, ">= 0"), ("device", "tpu", "cuda"), ("normalize", "yes", "True"),
+    ("train_subset", 0, "integer >= 1"), ("seed", -1, r"\[0, 2\*\*32\)"), ("device", "tpu", "cuda"), ("normalize", "yes", "True"),
     ("augment", "heavy", "paper"), ("model_variant", "paper", "authors"),
 ])
 def test_config_validation_names_field_and_allowed_values(field, value, allowed):

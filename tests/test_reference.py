@@ -1,0 +1,98 @@
+"""The reference studies as the book reads them (issues 23 and 24): the declared families and rule on constructed
+runs, the committed smoke copies of the reference exports, staleness, the replication and the build report."""
+import json
+
+import pytest
+
+import aace
+from aace import reference, stats, verdicts
+from aace.config import profile_config
+
+
+class Fake:
+    """A finished run with a chosen final test accuracy and validation curve."""
+
+    def __init__(self, method, seed, acc, **settings):
+        import pandas as pd
+        self.config = profile_config("smoke", method=method, seed=seed, **settings)
+        self.summary = {"status": "finished", "full_test_acc": acc}
+        self.finished = True
+        self.metrics = pd.DataFrame({"val_acc": [0.5, 0.7, 0.6], "test_acc": [0.4, acc - 0.01, acc]})
+
+
+def finals(effects: dict, n=12):
+    """{arm: runs} whose paired differences to SGD are the given per-arm offsets plus seeded noise."""
+    import numpy as np
+    rng = np.random.default_rng(3)
+    base = 0.8 + rng.normal(0, 0.01, n)
+    out = {}
+    for key, (offset, noise) in effects.items():
+        method = {"sgd": "sgd", "sgd_ls": "sgd", "sam": "sam"}.get(key, "aace")
+        settings = {"label_smoothing": 0.1} if key == "sgd_ls" else {"normalize": True} if key == "aace_normalised" else {}
+        out[key] = [Fake(method, s, float(base[s] + offset + rng.normal(0, noise)), **settings) for s in range(n)]
+    return out
+
+
+def test_the_positive_control_comes_first_and_a_failed_one_is_said_on_every_aace_verdict():
+    seen = verdicts.verdicts(finals({"sgd": (0, 0), "sam": (0.02, 0.002), "aace": (0.02, 0.002),
+                                     "aace_normalised": (0.021, 0.002), "sgd_ls": (0.01, 0.002)}))
+    assert seen["question"].tolist()[0] == "positive control" and seen["verdict"].iloc[0].startswith("better")
+    assert not seen["verdict"].str.contains(verdicts.NO_CONTROL).any()
+    blind = verdicts.verdicts(finals({"sgd": (0, 0), "sam": (0.0, 0.01), "aace": (0.0, 0.01)}))
+    assert not blind["verdict"].iloc[0].startswith("better")
+    assert blind["verdict"].iloc[1].endswith(verdicts.NO_CONTROL)
+
+
+def test_one_family_per_question_and_the_mde_at_its_holm_level():
+    f = finals({"sgd": (0, 0), "sam": (0.02, 0.004), "aace": (0.021, 0.004), "aace_normalised": (0.02, 0.004),
+                "sgd_ls": (0.01, 0.004)})
+    table = verdicts.verdicts(f)
+    aace_rows = table[table["question"] == "AACE"]
+    assert len(aace_rows) == 3
+    raw = [stats.p_value(verdicts.paired(f, a, b, "final")) for a, b in verdicts.FAMILIES["AACE"]]
+    assert aace_rows["Holm-adjusted p"].tolist() == pytest.approx(stats.holm(raw))
+    d = verdicts.paired(f, "aace", "sam", "final")
+    assert aace_rows["MDE (points)"].iloc[0] == pytest.approx(100 * stats.minimum_detectable_effect(d, 0.05 / 3))
+    # the best-epoch scoring reads the test accuracy at the epoch of best validation accuracy (the second)
+    assert verdicts.score(f["sam"][0], "best") == pytest.approx(f["sam"][0].metrics["test_acc"].iloc[1])
+
+
+@pytest.mark.parametrize("testbed", ["clean", "noise"])
+def test_the_committed_smoke_references_read_and_answer(testbed):
+    study, runs, problems = reference.read(testbed, "smoke")
+    assert problems == [] and study["complete"]
+    table, missing = reference.answer("smoke")
+    assert missing == {} and set(table["testbed"]) == {b.title for b in reference.testbeds("smoke").values()}
+    assert set(table["scoring"]) == set(verdicts.SCORINGS)
+
+
+def test_a_stale_or_missing_reference_is_said_instead_of_its_numbers(monkeypatch, tmp_path):
+    monkeypatch.setattr(aace, "__version__", "9.9.9")
+    study, runs, problems = reference.read("clean", "smoke")
+    assert study is None and runs == [] and problems[0].startswith("stale")
+    monkeypatch.undo()
+    bed = reference.testbeds("smoke")["noise"]
+    monkeypatch.setitem(reference.REFERENCES["smoke"], "noise",
+                        reference.Testbed("noise", bed.plan, str(tmp_path / "none"), bed.title))
+    table, missing = reference.answer("smoke")
+    assert "holds no export yet" in missing[bed.title][0] and "--export" in missing[bed.title][0]
+    with pytest.raises(ValueError, match="parameter 'profile'"):
+        reference.testbeds("gpu")
+
+
+def test_replication_reads_the_same_runs_bit_identical(tmp_path):
+    # the fixture store (conftest: frozen) holds the smoke references' seed-0 runs
+    runs, effects, problems = reference.replication("clean", "smoke")
+    assert problems == [] and len(runs) == len(reference.read("clean", "smoke")[0]["plan"]["final_arms"])
+    assert set(runs["bit-identical"]) == {"yes"} and (runs["difference (points)"] == 0).all()
+    assert set(effects["consistent"]) <= {"yes", "no"} and len(effects)
+
+
+def test_the_book_records_each_page_in_its_build_report(tmp_path):
+    from aace.book import REPORT, execute_notebooks
+    execute_notebooks("smoke", ["aace_loss"], output_dir=tmp_path)
+    report = json.loads((tmp_path / REPORT).read_text())
+    entry = report["aace_loss"]
+    assert entry["runs_trained"] == 0 and entry["seconds"] > 0 and entry["aace_version"] == aace.__version__
+    assert entry["machine"]["cpu"] and entry["machine"]["instruction_set"]
+    assert not list(tmp_path.glob(".*"))  # no partial page or run log left
