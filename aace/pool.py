@@ -65,6 +65,7 @@ _PR_SET_PDEATHSIG = 1
 
 
 def _end_with_parent(parent: int) -> None:  # runs in the child between fork and exec
+    signal.pthread_sigmask(signal.SIG_SETMASK, set())  # the parent blocked them around the fork
     # A study started as a background job ignores SIGINT, and its children would inherit that: they take the
     # interrupt the parent forwards (no terminal reaches them in their own session).
     try:
@@ -155,10 +156,16 @@ def run_pool(configs: list[RunConfig], runs_dir=None, workers: int = 1, deadline
             while pending and len(running) < workers and (deadline is None or time.time() < deadline):
                 config = pending.pop(0)
                 stderr, stdout = tempfile.TemporaryFile(), tempfile.TemporaryFile()
-                process = subprocess.Popen([sys.executable, *train_argv(config, profile, runs_dir)],
-                                           stdin=subprocess.DEVNULL, stdout=stdout, stderr=stderr,
-                                           start_new_session=True, preexec_fn=lambda p=os.getpid(): _end_with_parent(p))
-                running.append(_Child(config, process, stderr, stdout))
+                # A signal between the fork and the bookkeeping would leave a child nobody stops: it waits.
+                blocked = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT, signal.SIGTERM})
+                try:
+                    process = subprocess.Popen([sys.executable, *train_argv(config, profile, runs_dir)],
+                                               stdin=subprocess.DEVNULL, stdout=stdout, stderr=stderr,
+                                               start_new_session=True,
+                                               preexec_fn=lambda p=os.getpid(): _end_with_parent(p))
+                    running.append(_Child(config, process, stderr, stdout))
+                finally:
+                    signal.pthread_sigmask(signal.SIG_SETMASK, blocked)
             if not running:
                 break
             time.sleep(0.2)

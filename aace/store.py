@@ -243,6 +243,15 @@ class Run:
         return self.status == "finished"
 
 
+def remove_temporary_files(run_dir: Path) -> None:
+    """The ``*.tmp`` files a writer killed mid-write left behind (call under the run's lock)."""
+    for tmp in run_dir.glob("*.tmp"):
+        try:
+            tmp.unlink()
+        except OSError:
+            pass
+
+
 def remove_empty_run_dir(run_dir: Path) -> None:
     """A run folder that holds nothing but its lock goes: a failed start leaves no trace in the store."""
     try:

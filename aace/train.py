@@ -252,6 +252,8 @@ def run(config: RunConfig, runs_dir: str | os.PathLike | None = None, *, progres
                          f"got {config.batch_size}")
     device = distributed.init(world, device)  # joins the torchrun job's process group, if any
     with store.RunLock(run_dir) if world.main else contextlib.nullcontext():  # rank 0 owns the store
+        if world.main:  # under the lock: a temporary file here is a killed writer's (SIGKILL mid-write)
+            store.remove_temporary_files(run_dir)
         if restart and world.main:
             store.clear(run_dir)
         distributed.barrier(world)

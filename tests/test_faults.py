@@ -160,3 +160,13 @@ def test_the_version_has_one_source_and_no_wheel_is_committed():
     assert version("aace") == aace.__version__
     assert not list(ROOT.glob("*.whl"))
     assert store.STATUSES  # the statuses a summary may hold are named in one place
+
+
+def test_a_killed_writers_temporary_files_go_when_the_run_resumes(tmp_path):
+    config = profile_config("smoke", method="sgd", epochs=2, train_subset=64, test_subset=32)
+    first = run(config, tmp_path, progress=False)
+    store.write_summary(first.path, {"status": "running", "epochs_done": 2, "epochs": 2})  # as if killed at the end
+    for name in ("config.json.tmp", "checkpoint.pt.tmp"):  # what a SIGKILL in the middle of a write leaves
+        (first.path / name).write_text("half")
+    assert run(config, tmp_path, progress=False).finished
+    assert not list(first.path.glob("*.tmp"))
