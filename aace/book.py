@@ -30,15 +30,8 @@ class PageFailed(Exception):
 
 def _kernels() -> list[int]:
     """This process's children: the notebook kernel papermill started (in a session of its own)."""
-    me, out = os.getpid(), []
-    for stat in Path("/proc").glob("[0-9]*/stat"):
-        try:
-            fields = stat.read_text().rsplit(")", 1)[1].split()
-        except OSError:
-            continue
-        if int(fields[1]) == me:
-            out.append(int(stat.parent.name))
-    return out
+    from .pool import children_of
+    return children_of(os.getpid())
 
 
 @contextlib.contextmanager

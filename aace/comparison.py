@@ -1,15 +1,17 @@
-"""The book's main comparison: SGD, SAM and SAM+AACE with rho tuned per method on a validation split (the
-profile's study plan, ``aace.study``), scored over fresh seeds; for a profile without a plan (``paper``), the
-authors' rhos. The convergence, Table 2, claims and introduction pages all read it from here.
+"""The book's main comparison: SGD, SGD with tuned label smoothing, SAM, SAM+AACE and its normalised step, each
+tuned on a validation split, scored over fresh seeds: the clean reference study (``aace.reference``), read from
+its committed export; for a profile without one (``paper``), the authors' rhos. The convergence, Table 2, claims,
+ablations and introduction pages all read it from here.
 """
 from __future__ import annotations
 
 import dataclasses
+import json
 import os
 from dataclasses import dataclass
 
 from . import experiments as ex
-from .study import ALL_ARMS, PLANS, TUNED_ARMS, arm_key, plan_for, run_study, tuned_value
+from .study import ALL_ARMS, TUNED_ARMS, arm_key, plan_for, run_study, tuned_value
 
 
 @dataclass
@@ -85,29 +87,55 @@ def default_workers() -> int:
 
 
 def main_comparison(profile: str, seeds=None, overrides=None, runs_dir=None, workers: int | None = None) -> Comparison:
-    """Train (or read back) the main comparison of a profile. With a study plan (``cpu``, ``smoke``): the tuning
-    grid, then the final seeds (``seeds`` replaces the plan's) at the chosen rhos; without one: the three arms at
-    their default rhos over the profile's seeds. ``overrides``: RunConfig fields for every run."""
+    """The main comparison of a profile. ``cpu`` (and ``smoke``, its nbval copy): the clean reference study, read
+    from its committed export (``aace.reference``); with other ``seeds`` or ``overrides`` (RunConfig fields for
+    every run) its plan runs again with them, reading whatever the export holds and training only the rest.
+    Without a reference study (``paper``): the three arms at their default rhos over the profile's seeds."""
     ex.check_choice("profile", profile, ex.DEFAULT_SEEDS)
     overrides = dict(overrides or {})
-    if profile not in PLANS:
+    from . import reference
+    if profile not in reference.REFERENCES:
         grid = ex.configs(profile, list(ex.MAIN_ARMS.values()), ex.resolve_seeds(profile, seeds), **overrides)
         return Comparison(profile, {arm.name: rs for arm, rs in ex.ensure(grid, runs_dir).items()})
-    plan = plan_for(profile)
-    if seeds is not None:
-        plan = dataclasses.replace(plan, final_seeds=tuple(ex.resolve_seeds(profile, seeds)))
-    terminal = _terminal()
-    try:
-        record = run_study(profile, runs_dir, workers or default_workers(), plan=plan,
-                           log=(lambda line: print(line, file=terminal, flush=True)) if terminal else (lambda line: None),
-                           **overrides)
-    finally:
-        if terminal is not None:
-            terminal.close()
+    bed = reference.testbeds(profile)["clean"]
+    if seeds is None and not overrides:
+        study, runs, problems = reference.read("clean", profile)
+        if study is None:
+            raise ValueError(f"the clean reference study ({bed.export}) cannot be read: " + "; ".join(problems))
+        record = {**study, "runs": runs}
+    else:
+        from .results import runs_in_export
+        plan = plan_for(bed.plan)
+        if seeds is not None:
+            plan = dataclasses.replace(plan, final_seeds=tuple(ex.resolve_seeds(profile, seeds)))
+        directory = reference.ROOT / bed.export
+        found, _ = runs_in_export(directory)
+        if found is not None:  # the settings the export ran with (its thread count), so that its runs are found
+            overrides = {**json.loads((directory / "study.json").read_text()).get("overrides", {}), **overrides}
+        terminal = _terminal()
+        try:
+            record = run_study(bed.plan, runs_dir, workers or default_workers(), plan=plan, found=found,
+                               log=(lambda line: print(line, file=terminal, flush=True)) if terminal else (lambda line: None),
+                               **overrides)
+        finally:
+            if terminal is not None:
+                terminal.close()
     from .results import final_runs
     finals = final_runs(record, record["runs"])
-    runs = {ALL_ARMS[k].name: sorted(finals[k], key=lambda r: r.config.seed) for k in plan.final_arms if k in finals}
+    final_arms = record["plan"].get("final_arms", list(ALL_ARMS))
+    runs = {ALL_ARMS[k].name: sorted(finals[k], key=lambda r: r.config.seed) for k in final_arms if k in finals}
     return Comparison(profile, runs, record)
+
+
+def reference_runs(profile: str):
+    """``found(config)`` for ``aace.experiments.ensure``: the clean reference study's runs, read in place from its
+    export (None for a profile without one), so that a page's configs that the study holds are not trained again."""
+    from . import reference
+    from .results import runs_in_export
+    if profile not in reference.REFERENCES:
+        return None
+    found, _ = runs_in_export(reference.ROOT / reference.testbeds(profile)["clean"].export)
+    return found
 
 
 def _terminal():

@@ -58,8 +58,10 @@ def configs(profile: str, arms: list[Arm], seeds: list[int], **overrides) -> dic
             for arm in arms}
 
 
-def ensure(grid: dict[Arm, list[RunConfig]], runs_dir=None, workers: int | None = None) -> dict[Arm, list[Run]]:
-    """Train whatever the store does not hold yet; return the runs arm by arm.
+def ensure(grid: dict[Arm, list[RunConfig]], runs_dir=None, workers: int | None = None,
+           found=None) -> dict[Arm, list[Run]]:
+    """Train whatever the store does not hold yet; return the runs arm by arm. ``found(config)``: a finished
+    run read in place from elsewhere (a reference study's export, ``aace.results.runs_in_export``), else None.
 
     Missing single-threaded CPU runs (the ``cpu`` and ``smoke`` profiles) train ``workers`` at a time (default:
     one per core) through the study's worker pool; others one after another in this process.
@@ -73,7 +75,8 @@ def ensure(grid: dict[Arm, list[RunConfig]], runs_dir=None, workers: int | None 
     except OSError:  # no terminal (CI, a detached job): no bars
         terminal = None
     try:
-        missing = [c for cfgs in grid.values() for c in cfgs if not is_stored(c, runs_dir)]
+        elsewhere = {c: found(c) for cfgs in grid.values() for c in cfgs} if found else {}
+        missing = [c for cfgs in grid.values() for c in cfgs if elsewhere.get(c) is None and not is_stored(c, runs_dir)]
         workers = workers or len(os.sched_getaffinity(0))
         pooled = [c for c in missing if c.threads == 1 and resolve_device(c.device).type == "cpu"]
         if len(pooled) > 1 and workers > 1:
@@ -81,7 +84,8 @@ def ensure(grid: dict[Arm, list[RunConfig]], runs_dir=None, workers: int | None 
                 if terminal is not None:
                     print(line, file=terminal, flush=True)
             run_pool(pooled, runs_dir, min(workers, len(pooled)), log=log)
-        return {arm: [run(c, runs_dir, progress=terminal or False) for c in cfgs] for arm, cfgs in grid.items()}
+        return {arm: [elsewhere.get(c) or run(c, runs_dir, progress=terminal or False) for c in cfgs]
+                for arm, cfgs in grid.items()}
     finally:
         if terminal is not None:
             terminal.close()
@@ -182,9 +186,10 @@ TABLES = {
 
 
 def table(page: str, profile: str, datasets=None, methods=("sgd", "sam", "aace"), seeds=None, model=None,
-          overrides=None, runs_dir=None, rhos=None):
+          overrides=None, runs_dir=None, rhos=None, found=None):
     """Train (or read) every dataset x method cell of Table 2 or 3; returns (runs, our table).
-    ``rhos``: {method: rho} to run SAM and SAM+AACE with (default: each method's own default)."""
+    ``rhos``: {method: rho} to run SAM and SAM+AACE with (default: each method's own default); ``found``: runs
+    read in place from a reference study's export (see ``ensure``)."""
     import pandas as pd
     if page not in TABLES:
         raise ValueError(f"page must be one of {list(TABLES)}, got {page!r}")
@@ -203,7 +208,7 @@ def table(page: str, profile: str, datasets=None, methods=("sgd", "sam", "aace")
         arms = [Arm.of(MAIN_ARMS[m].name, **dict(MAIN_ARMS[m].settings), **({"rho": rhos[m]} if rhos and rhos.get(m)
                                                                           is not None else {})) for m in methods]
         grid = configs(profile, arms, seeds, **{**settings, "dataset": dataset})
-        done = ensure(grid, runs_dir)
+        done = ensure(grid, runs_dir, found=found)
         runs[dataset] = {arm.name: rs for arm, rs in done.items()}
         for arm, rs in done.items():
             rows.setdefault(dataset, {})[arm.name] = format_runs(rs, FINAL_TEST)

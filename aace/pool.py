@@ -42,6 +42,19 @@ def closest_profile(config: RunConfig) -> str:
     return min(PROFILES, key=lambda p: sum(values[k] != v for k, v in profile_config(p).to_dict().items()))
 
 
+def children_of(pid: int) -> list[int]:
+    """The process ids whose parent is ``pid`` (from /proc; empty where there is none)."""
+    out = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        if int(fields[1]) == pid:
+            out.append(int(stat.parent.name))
+    return out
+
+
 def train_argv(config: RunConfig, profile: str | None = None, runs_dir=None) -> list[str]:
     """The arguments after ``python`` that train ``config``: the profile and every field the config changes."""
     profile = profile or closest_profile(config)

@@ -58,12 +58,6 @@ PLANS = {
     "gpu": Plan("gpu", rhos={"sam": (0.02, 0.05, 0.1, 0.2, 0.5), "aace": (0.01, 0.02, 0.05, 0.1, 0.2),
                              "aace_normalised": (0.02, 0.05, 0.1, 0.2, 0.5)},
                 tuning_seeds=(100, 101), final_seeds=tuple(range(8)), final_arms=("sgd", "sam", "aace", "aace_normalised")),
-    # The book's own comparison on 2 CPU cores (about 30 minutes): 4 rhos per arm on 2 seeds, then 8 fresh seeds
-    # of SGD, SAM and SAM+AACE. The normalised AACE step is tuned beside them (direction against step length)
-    # but not carried into the final comparison, which would cost 8 more runs.
-    "cpu": Plan("cpu", rhos={"sam": (0.02, 0.05, 0.2, 0.5), "aace": (0.02, 0.05, 0.1, 0.2),
-                             "aace_normalised": (0.02, 0.05, 0.2, 0.5)},
-                tuning_seeds=(100, 101), final_seeds=tuple(range(8)), final_arms=("sgd", "sam", "aace")),
     # The clean reference study (issue 23), run once and committed as results/cpu-fashion-mnist: every grid
     # reaches below the value aace 0.4.0 chose at its lowest end (SAM 0.02), so that each chosen value can be
     # interior; 30 fresh paired seeds, which at the paired SD of 0.79 points measured on aace 0.4.0 give a

@@ -120,26 +120,14 @@ def test_study_usage_errors_name_the_option():
     assert cli_main(["study", "--profile", "smoke", "--workers", "0"]) == 2
 
 
-def test_cpu_plan_follows_the_protocol_of_the_issue():
-    plan = study.PLANS["cpu"]
-    for key in ("sam", "aace", "aace_normalised"):
-        rhos = plan.rhos[key]
-        assert len(rhos) >= 4 and min(rhos) <= 0.05 and max(rhos) >= 0.2, key
-    assert len(plan.tuning_seeds) >= 2 and len(plan.final_seeds) >= 8
-    assert not set(plan.tuning_seeds) & set(plan.final_seeds)  # the final seeds are fresh
-    assert set(plan.final_arms) >= {"sgd", "sam", "aace"}
-    configs = study.tuning_configs(plan) + study.final_configs(plan, {"sam": 0.05, "aace": 0.05})
-    assert len(configs) == 4 * 3 * 2 + 3 * 8
-    for c in configs:  # one thread (found on any machine), a validation split, the whole test set at the end
-        assert c.threads == 1 and c.val_subset and c.final_full_test and c.subset_seed is None
-
-
-def test_main_comparison_reads_the_study_and_the_claims_table_has_every_claim(smoke_study):
-    from aace import claims, comparison
-    runs_dir, _ = smoke_study
-    history = (runs_dir / "study-smoke.json").read_text()
-    comp = comparison.main_comparison("smoke", runs_dir=runs_dir, workers=2)
-    assert (runs_dir / "study-smoke.json").read_text() == history  # reading trains nothing and records nothing
+def test_main_comparison_reads_the_reference_export_and_trains_only_what_it_lacks(smoke_study, tmp_path, monkeypatch):
+    from aace import claims, comparison, reference
+    _, export_dir = smoke_study
+    monkeypatch.setitem(reference.REFERENCES["smoke"], "clean",
+                        reference.Testbed("clean", "smoke", str(export_dir), "clean labels"))
+    store = tmp_path / "store"
+    comp = comparison.main_comparison("smoke", runs_dir=store, workers=2)
+    assert not list(store.glob("*-*"))  # read from the export: nothing trained
     plan = study.PLANS["smoke"]
     assert list(comp.runs) == [study.ALL_ARMS[k].name for k in plan.final_arms]
     assert all(sorted(r.config.seed for r in rs) == list(plan.final_seeds) for rs in comp.runs.values())
@@ -152,8 +140,17 @@ def test_main_comparison_reads_the_study_and_the_claims_table_has_every_claim(sm
     table = claims.evaluate(comp)
     assert len(table) == 5 and table.index[2].startswith("3a. Premise")
     assert table["verdict"].str.len().gt(0).all()
+    # one more seed: the export's runs are read in place, only that seed's final runs train
+    more = comparison.main_comparison("smoke", seeds=[*plan.final_seeds, 7], runs_dir=store, workers=2)
+    trained = [load_run(p) for p in store.glob("*-*") if (p / "summary.json").is_file()]
+    assert len(trained) == len(plan.final_arms) and {r.config.seed for r in trained} == {7}
+    assert [r.summary for r in more.runs["SAM"][:-1]] == [r.summary for r in comp.runs["SAM"]]
     with pytest.raises(ValueError, match="profile"):
         comparison.main_comparison("gpu-typo")
+    monkeypatch.setitem(reference.REFERENCES["smoke"], "clean",
+                        reference.Testbed("clean", "smoke", str(tmp_path / "nowhere"), "clean labels"))
+    with pytest.raises(ValueError, match="clean reference study .* cannot be read: .*holds no export"):
+        comparison.main_comparison("smoke")
 
 
 def test_ensure_trains_missing_single_thread_runs_in_a_pool_with_the_same_numbers(tmp_path, monkeypatch):
@@ -198,6 +195,8 @@ def test_reference_plans_tune_every_arm_on_a_grid_and_run_fresh_paired_seeds(nam
     assert {study.arm_key(c) for c in finals} == set(study.ALL_ARMS)
     ls = [c for c in finals if study.arm_key(c) == "sgd_ls"]
     assert {c.label_smoothing for c in ls} == {plan.rhos["sgd_ls"][1]} and {c.rho for c in ls} == {0.0}
+    for c in study.tuning_configs(plan) + finals:  # one thread (found on any machine), a validation split, the whole test set at the end
+        assert c.threads == 1 and c.val_subset and c.final_full_test and c.subset_seed is None
     for c in study.tuning_configs(plan) + finals:
         assert c.threads == 1 and c.val_subset and c.final_full_test
         assert study.tuned_value(study.arm_key(c), c) in (0.0, *plan.rhos.get(study.arm_key(c), ()))

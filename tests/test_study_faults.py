@@ -15,6 +15,7 @@ import pytest
 
 from aace import results, study
 from aace.cli import main as cli_main
+from aace.pool import children_of
 from aace.store import load_run
 
 # The smoke study at one epoch per run: the machinery, in seconds.
@@ -217,18 +218,6 @@ def test_print_commands_quotes_paths_and_each_command_trains_its_config(tmp_path
 
 # ----------------------------------------------------------------------------- 2: signals and dying workers
 
-def children(pid):
-    out = []
-    for stat in Path("/proc").glob("[0-9]*/stat"):
-        try:
-            fields = stat.read_text().rsplit(")", 1)[1].split()
-        except OSError:
-            continue
-        if int(fields[1]) == pid:
-            out.append(int(stat.parent.name))
-    return out
-
-
 def alive(pid):
     try:
         state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
@@ -241,11 +230,12 @@ def alive(pid):
 # Python's handler: a shell starts background jobs (make test under nohup ... &) with it ignored.
 TINY_PLAN = study.Plan("smoke", {"sam": (0.05,)}, tuning_seeds=(100,), final_seeds=(0,))
 SLOW = ["--epochs", "40"]
-STUDY = """
+STUDY = f"""
 import signal, sys
 signal.signal(signal.SIGINT, signal.default_int_handler)
 from aace import study
-study.PLANS["smoke"] = study.Plan("smoke", {"sam": (0.05,)}, tuning_seeds=(100,), final_seeds=(0,))
+from aace.study import Plan
+study.PLANS["smoke"] = {TINY_PLAN!r}
 from aace.cli import main
 sys.exit(main(sys.argv[1:]))
 """
@@ -262,7 +252,7 @@ def wait_for_workers(proc, runs_dir, n=2, timeout=180):
     while time.time() < deadline:
         training = [p for p in runs_dir.glob("*-*") if (p / "checkpoint.pt").exists()
                     and not (p / "summary.json").read_text().count('"finished"')]
-        kids = [k for k in children(proc.pid) if alive(k)]
+        kids = [k for k in children_of(proc.pid) if alive(k)]
         if len(training) >= n and len(kids) >= n:
             return kids
         time.sleep(0.1)
