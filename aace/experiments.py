@@ -222,10 +222,11 @@ def table(page: str, profile: str, datasets=None, methods=("sgd", "sam", "aace")
 
 
 def table_finding(runs: dict) -> str:
-    """A table page's finding: per dataset, SAM+AACE against SAM (paired), what the comparison could see, and
-    a verdict Holm-corrected over the page's datasets."""
+    """A table page's finding: per dataset, SAM+AACE against SAM (paired), what the comparison could see (the
+    minimum detectable effect at the strictest Holm level of the page's datasets), and the declared rule's verdict
+    Holm-corrected over them."""
     from .stats import EQUIVALENCE_MARGIN
-    from .stats import comparison_verdict, holm, p_value
+    from .stats import ALPHA, comparison_verdict, holm, p_value
     diffs = {dataset: paired_difference(by_name["SAM"], by_name["SAM+AACE"], FINAL_TEST)
              for dataset, by_name in runs.items() if "SAM" in by_name and "SAM+AACE" in by_name}
     adjusted = dict(zip(diffs, holm([p_value(d) for d in diffs.values()])))
@@ -237,7 +238,7 @@ def table_finding(runs: dict) -> str:
         else:
             parts.append(f"on {dataset}, SAM+AACE minus SAM is {100 * d['mean']:+.2f} points of test accuracy "
                          f"(95 % CI ± {100 * d['ci95']:.2f}, {d['n']} paired seeds, minimum detectable effect "
-                         f"{100 * minimum_detectable_effect(d):.1f} points): "
+                         f"{100 * minimum_detectable_effect(d, ALPHA / len(diffs)):.1f} points): "
                          f"{comparison_verdict(d, adjusted[dataset], EQUIVALENCE_MARGIN)}")
     note = f" (Holm-corrected over {len(diffs)} datasets)" if len(diffs) > 1 else ""
     return ("**Finding" + note + ":** " + "; ".join(parts) + ".") if parts else ""
@@ -322,18 +323,6 @@ def paired(a: list[Run], b: list[Run], fn) -> dict:
     """Spread of fn(b) - fn(a) over the seeds finished in both."""
     pairs = {r.config.seed: fn(r) for r in a if r.finished}
     return spread([fn(r) - pairs[r.config.seed] for r in b if r.finished and r.config.seed in pairs])
-
-
-def verdict(d: dict, better: str = "higher") -> str:
-    """'holds' when the 95 % interval of a difference excludes zero in the claimed direction."""
-    if d["n"] < 2:
-        return "not testable with one seed"
-    low, high = d["mean"] - d["ci95"], d["mean"] + d["ci95"]
-    if (low > 0) if better == "higher" else (high < 0):
-        return "holds"
-    if (high < 0) if better == "higher" else (low > 0):
-        return "reversed"
-    return "no clear difference"
 
 
 def label_noise_runs(profile: str, noise_levels, arms, seeds=None, overrides=None, runs_dir=None):

@@ -85,15 +85,10 @@ def test_fraction_below_and_loss_curves():
     assert table.aace_loss.tolist() == pytest.approx([math.log(2), -math.log(0.1)])
 
 
-def test_spread_interval_and_verdicts():
+def test_spread_interval():
     from aace import experiments as ex
     s = ex.spread([1.0, 2.0, 3.0])
     assert s["mean"] == 2.0 and s["std"] == 1.0 and s["ci95"] == pytest.approx(4.303 / math.sqrt(3), rel=1e-4)
-    assert ex.verdict(ex.spread([1.0, 1.1, 0.9])) == "holds"
-    assert ex.verdict(ex.spread([-1.0, -1.1, -0.9])) == "reversed"
-    assert ex.verdict(ex.spread([-1.0, 1.0, 0.1])) == "no clear difference"
-    assert ex.verdict(ex.spread([-1.0, -1.1, -0.9]), better="lower") == "holds"
-    assert ex.verdict(ex.spread([5.0])) == "not testable with one seed"
 
 
 def fake_run(test_acc, seed=0, status="finished"):
@@ -104,6 +99,18 @@ def fake_run(test_acc, seed=0, status="finished"):
     metrics = pd.DataFrame({"epoch": range(1, len(test_acc) + 1), "test_acc": test_acc})
     return Run(path=None, config=RunConfig(seed=seed), info={}, metrics=metrics, steps=None,
                summary={"status": status})
+
+
+def test_a_table_finding_gives_the_mde_at_the_holm_level_of_its_datasets():
+    from aace import experiments as ex, stats
+    sam = [fake_run([0.80 + 0.01 * s], seed=s) for s in range(4)]
+    aace = [fake_run([0.80 + 0.01 * s + (0.002, -0.003, 0.004, 0.001)[s]], seed=s) for s in range(4)]
+    d = ex.paired_difference(sam, aace, ex.FINAL_TEST)
+    one = ex.table_finding({"a": {"SAM": sam, "SAM+AACE": aace}})
+    two = ex.table_finding({"a": {"SAM": sam, "SAM+AACE": aace}, "b": {"SAM": sam, "SAM+AACE": aace}})
+    assert f"minimum detectable effect {100 * stats.minimum_detectable_effect(d):.1f} points" in one
+    assert f"minimum detectable effect {100 * stats.minimum_detectable_effect(d, 0.025):.1f} points" in two
+    assert "Holm-corrected over 2 datasets" in two
 
 
 def test_drop_from_peak_leaves_out_diverged_runs():
