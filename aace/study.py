@@ -259,6 +259,7 @@ def run_study(profile: str, runs_dir=None, workers: int = 1, stop_after: float |
                 runs += more
     except (KeyboardInterrupt, Terminated, Exception) as err:
         ended = {KeyboardInterrupt: "SIGINT", Terminated: "SIGTERM"}.get(type(err), f"error: {err}")
+        complete = False  # stopped in the final runs, after a complete tuning phase, is still incomplete
         raise
     finally:
         entry = {"started": _utc(start), "wall_seconds": time.time() - start, "workers": workers,

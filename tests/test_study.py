@@ -97,6 +97,23 @@ def test_integrity_check_finds_a_config_that_does_not_hash_to_its_folder_even_wi
     assert any("hashes to" in p for p in results.check_export(broken))
 
 
+def test_a_study_stopped_in_its_final_runs_records_its_invocation_as_incomplete(smoke_study, tmp_path, monkeypatch):
+    store = tmp_path / "store"
+    shutil.copytree(smoke_study[0], store)
+    real, calls = study.run_pool, []
+
+    def stopped_in_the_final_runs(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        return real(*args, **kwargs)
+    monkeypatch.setattr(study, "run_pool", stopped_in_the_final_runs)
+    with pytest.raises(KeyboardInterrupt):
+        study.run_study("smoke", store, 2, log=lambda line: None, threads=1)
+    last = json.loads((store / "study-smoke.json").read_text())[-1]
+    assert last["ended"] == "SIGINT" and last["complete"] is False
+
+
 def test_print_commands_gives_one_train_command_per_run_that_trains_that_config(smoke_study, capsys, tmp_path):
     runs_dir, _ = smoke_study
     # the study ran with --threads 1: so looked up, the store's tuning runs are found and the final runs'
