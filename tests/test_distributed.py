@@ -116,16 +116,9 @@ def test_torchrun_training_writes_the_store_from_rank_zero(tmp_path):
 
 
 def _children(pid):
-    found = []
-    for stat in Path("/proc").glob("[0-9]*/stat"):
-        try:
-            fields = stat.read_text().rsplit(")", 1)[1].split()
-        except OSError:
-            continue
-        if int(fields[1]) == pid:
-            child = int(stat.parent.name)
-            found += [child, *_children(child)]
-    return found
+    """Every descendant of ``pid`` (torchrun's workers are its grandchildren)."""
+    from aace.pool import children_of
+    return [d for c in children_of(pid) for d in (c, *_children(c))]
 
 
 def _rank_of(pid):
