@@ -32,7 +32,7 @@ nbval-fixture:
 	$(PY) -m aace study --profile smoke-noise --workers 2 --runs-dir /tmp/aace-study-smoke \
 	  --export tests/fixtures/study-smoke-noise
 	env -u AACE_FROZEN_RUNS AACE_CHECKPOINT_LOG=/tmp/aace-checkpoints-read $(PY) -m aace book --profile smoke \
-	  --no-build --runs-dir tests/fixtures/runs --output-dir tests/nbval
+	  --rerun --no-build --runs-dir tests/fixtures/runs --output-dir tests/nbval
 	find tests/fixtures/runs -name lock -delete
 	rm -f tests/fixtures/runs/study-*.json
 	for d in tests/fixtures/runs/*/; do grep -qx "$$(basename $$d)" /tmp/aace-checkpoints-read || rm -f $$d/checkpoint.pt; done

@@ -69,11 +69,41 @@ def _interrupts_reach_the_kernel():
             signal.signal(s, h)
 
 
+def page_inputs(name: str, parameters: dict) -> str:
+    """A digest of what a page's executed output depends on: its notebook, its parameters, the package's code,
+    the committed exports (results/, the smoke fixture's), the run store it reads and torch's version."""
+    import hashlib
+    import json
+
+    import torch
+    h = hashlib.sha256(json.dumps([name, parameters, os.environ.get("AACE_RUNS"), torch.__version__],
+                                  sort_keys=True, default=str).encode())
+    files = [NOTEBOOK_DIR / f"{name}.ipynb", *sorted((ROOT / "aace").glob("*.py")),
+             *sorted(ROOT.glob("results/*/study.json")), *sorted(ROOT.glob("tests/fixtures/study-*/study.json"))]
+    for file in files:
+        h.update(str(file.relative_to(ROOT)).encode())
+        h.update(file.read_bytes() if file.is_file() else b"")
+    return h.hexdigest()
+
+
+def _kept(output_dir: Path, name: str, inputs: str) -> bool:
+    """Whether the page's last good execution had these inputs (then it is kept, not executed again)."""
+    import json
+    try:
+        entry = json.loads((output_dir / REPORT).read_text()).get(name, {})
+    except (OSError, ValueError, AttributeError):
+        return False
+    return entry.get("inputs") == inputs and (output_dir / f"{name}.ipynb").is_file()
+
+
 def execute_notebooks(profile: str, names: list[str] | None = None, parameters: dict | None = None,
-                      runs_dir: str | None = None, output_dir: str | os.PathLike = "book") -> list[Path]:
+                      runs_dir: str | None = None, output_dir: str | os.PathLike = "book",
+                      rerun: bool = False) -> list[Path]:
     """Run each notebook with ``profile`` and the given parameters; returns the executed notebooks. Each page
     is executed beside its target and renamed into place only when it succeeded: a failed or interrupted page
-    leaves the previous executed page as it was."""
+    leaves the previous executed page as it was. A page whose inputs (``page_inputs``) are those of its last
+    good execution is kept as it is, unless ``rerun``: a rebuild executes only what changed. The build report
+    is always executed."""
     import papermill
 
     from .store import Terminated
@@ -97,6 +127,13 @@ def execute_notebooks(profile: str, names: list[str] | None = None, parameters: 
         if name == "build_report":
             own.setdefault("report", str((output_dir / REPORT).resolve()))
         target, partial = output_dir / f"{name}.ipynb", output_dir / f".{name}.executing.ipynb"
+        inputs = page_inputs(name, own)
+        if name != "build_report" and not rerun and _kept(output_dir, name, inputs):
+            print(f"keeping {name}: its notebook, parameters, package, exports and run store are those of its last "
+                  f"execution (--rerun executes it again)", flush=True)
+            record_page(output_dir, name, own, None, None, inputs)
+            executed.append(target)
+            continue
         print(f"executing {name} with {own}", flush=True)
         log = output_dir / f".{name}.runs.log"
         log.unlink(missing_ok=True)
@@ -114,7 +151,7 @@ def execute_notebooks(profile: str, names: list[str] | None = None, parameters: 
                 raise KeyboardInterrupt if got["signal"] == signal.SIGINT else Terminated()
             hide_parameter_cells(partial)
             os.replace(partial, target)
-            record_page(output_dir, name, own, time.time() - started, log)
+            record_page(output_dir, name, own, time.time() - started, log, inputs)
         finally:
             partial.unlink(missing_ok=True)
             log.unlink(missing_ok=True)
@@ -123,13 +160,23 @@ def execute_notebooks(profile: str, names: list[str] | None = None, parameters: 
     return executed
 
 
-def record_page(output_dir: Path, name: str, parameters: dict, seconds: float, log: Path) -> None:
+def record_page(output_dir: Path, name: str, parameters: dict, seconds: float | None, log: Path | None,
+                inputs: str) -> None:
     """Add a page's entry to the build report: its time, the runs it trained and read (store, export), the
-    machine, the version and the commit. Pages not executed this time keep their last entry."""
+    machine, the version, the commit and its inputs' digest. A page kept from its last execution (``seconds``
+    None) keeps that execution's entry, marked kept; pages not in this build keep their last entry as it was."""
     import json
 
     from . import __version__
     from .results import git_commit, machine
+    report_file = output_dir / REPORT
+    try:
+        report = json.loads(report_file.read_text())
+    except (OSError, ValueError):
+        report = {}
+    if seconds is None:
+        report[name] = {**report[name], "kept": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
+        return _write_report(report_file, report)
     kinds = {}
     try:
         for line in log.read_text().splitlines():
@@ -138,16 +185,17 @@ def record_page(output_dir: Path, name: str, parameters: dict, seconds: float, l
     except OSError:
         pass
     trained = kinds.get("trained", set())
-    report_file = output_dir / REPORT
-    try:
-        report = json.loads(report_file.read_text())
-    except (OSError, ValueError):
-        report = {}
     report[name] = {"seconds": seconds, "parameters": parameters, "runs_trained": len(trained),
                     "runs_read_from_store": len(kinds.get("store", set()) - trained),
                     "runs_read_from_exports": len(kinds.get("export", set())),
                     "executed": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "machine": machine(),
-                    "aace_version": __version__, "git_commit": git_commit()}
+                    "aace_version": __version__, "git_commit": git_commit(), "inputs": inputs, "kept": None}
+    _write_report(report_file, report)
+
+
+def _write_report(report_file: Path, report: dict) -> None:
+    import json
+
     from .store import _atomic_write_text
     _atomic_write_text(report_file, json.dumps(report, indent=2, sort_keys=True) + "\n")
 

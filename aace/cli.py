@@ -91,6 +91,8 @@ def main(argv: list[str] | None = None) -> int:
     book.add_argument("--runs-dir", default=None)
     book.add_argument("--no-build", action="store_true", help="execute the notebooks only")
     book.add_argument("--output-dir", default="book", help="where the executed notebooks go")
+    book.add_argument("--rerun", action="store_true",
+                      help="execute every page, also those whose inputs are unchanged since their last execution")
 
     args = parser.parse_args(argv)
     debug = args.debug or os.environ.get("AACE_DEBUG", "") not in ("", "0")
@@ -240,7 +242,7 @@ def _book(args, parser) -> int:
                 raise ValueError(f"-p {name}: {value!r} is not valid JSON ({err}); give a JSON value, e.g. "
                                  f"-p seeds '[0, 1]', or a bare word for a string") from None
             parameters[name] = value  # a bare string, e.g. -p dataset cifar10
-    execute_notebooks(args.profile, args.notebook, parameters, args.runs_dir, args.output_dir)
+    execute_notebooks(args.profile, args.notebook, parameters, args.runs_dir, args.output_dir, args.rerun)
     if not args.no_build:
         build_book()
     return 0

@@ -1,6 +1,7 @@
 """The reference studies as the book reads them (issues 23 and 24): the declared families and rule on constructed
 runs, the committed smoke copies of the reference exports, staleness, the replication and the build report."""
 import json
+import os
 
 import pytest
 
@@ -96,3 +97,37 @@ def test_the_book_records_each_page_in_its_build_report(tmp_path):
     assert entry["runs_trained"] == 0 and entry["seconds"] > 0 and entry["aace_version"] == aace.__version__
     assert entry["machine"]["cpu"] and entry["machine"]["instruction_set"]
     assert not list(tmp_path.glob(".*"))  # no partial page or run log left
+
+
+def test_a_rebuild_keeps_a_page_whose_inputs_are_unchanged_and_executes_one_whose_inputs_changed(tmp_path, monkeypatch):
+    from aace.book import REPORT, execute_notebooks
+    monkeypatch.setenv("AACE_RUNS", os.environ["AACE_RUNS"])  # restored after the runs_dir call below sets it
+    execute_notebooks("smoke", ["aace_loss"], output_dir=tmp_path)
+    page = tmp_path / "aace_loss.ipynb"
+    first, mtime = json.loads((tmp_path / REPORT).read_text())["aace_loss"], page.stat().st_mtime_ns
+    execute_notebooks("smoke", ["aace_loss"], output_dir=tmp_path)  # nothing changed: kept
+    kept = json.loads((tmp_path / REPORT).read_text())["aace_loss"]
+    assert page.stat().st_mtime_ns == mtime and kept["kept"] and kept["executed"] == first["executed"]
+    execute_notebooks("smoke", ["aace_loss"], output_dir=tmp_path, rerun=True)
+    again = json.loads((tmp_path / REPORT).read_text())["aace_loss"]
+    assert page.stat().st_mtime_ns != mtime and again["kept"] is None and again["inputs"] == first["inputs"]
+    mtime = page.stat().st_mtime_ns
+    execute_notebooks("smoke", ["aace_loss"], {"profile": "smoke"}, output_dir=tmp_path, runs_dir=tmp_path / "other")
+    assert page.stat().st_mtime_ns != mtime  # another run store: executed again
+
+
+def test_a_page_s_inputs_cover_its_notebook_the_package_and_the_exports(tmp_path, monkeypatch):
+    from aace import book
+    for folder in ("notebooks", "aace", "results/study-a"):
+        (tmp_path / folder).mkdir(parents=True)
+    files = [tmp_path / "notebooks/p.ipynb", tmp_path / "aace/x.py", tmp_path / "results/study-a/study.json"]
+    for f in files:
+        f.write_text("{}")
+    monkeypatch.setattr(book, "ROOT", tmp_path)
+    monkeypatch.setattr(book, "NOTEBOOK_DIR", tmp_path / "notebooks")
+    digests = {book.page_inputs("p", {"profile": "smoke"})}
+    for f in files:
+        f.write_text('{"changed": 1}')
+        digests.add(book.page_inputs("p", {"profile": "smoke"}))
+    digests.add(book.page_inputs("p", {"profile": "cpu"}))
+    assert len(digests) == 5
