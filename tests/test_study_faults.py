@@ -53,7 +53,7 @@ def run_fingerprint(run_dir: Path) -> dict:
     run_ = load_run(run_dir, with_steps=False)
     summary = {k: v for k, v in run_.summary.items() if k not in ("wall_seconds", "images_per_second")}
     return {"config": run_.config.to_dict(), "summary": summary,
-            "metrics": run_.metrics.drop(columns=list(TIMING)).fillna("nan").to_dict("list")}
+            "metrics": run_.metrics.drop(columns=list(TIMING)).astype(object).fillna("nan").to_dict("list")}
 
 
 # ----------------------------------------------------------------------------- 1, 9: --export never deletes
