@@ -131,3 +131,23 @@ def test_a_page_s_inputs_cover_its_notebook_the_package_and_the_exports(tmp_path
         digests.add(book.page_inputs("p", {"profile": "smoke"}))
     digests.add(book.page_inputs("p", {"profile": "cpu"}))
     assert len(digests) == 5
+
+
+@pytest.mark.parametrize("folder", sorted(p.parent.name for p in (reference.ROOT / "results").glob("*/study.json")))
+def test_every_committed_export_passes_the_integrity_check_and_carries_its_provenance(folder):
+    from aace.results import check_export, load_export
+    directory = reference.ROOT / "results" / folder
+    assert check_export(directory, aace.__version__) == []
+    study, runs = load_export(directory)
+    assert study["git_commit"] and study["command"].startswith("python -m aace study") and study["devices"]
+    assert study["exported_on"]["cpu"] and study["exported_on"]["instruction_set"] and study["exported_on"]["cores"]
+    assert study["invocations"] and all(h["wall_seconds"] > 0 for h in study["invocations"])
+    assert runs and all(r.summary["wall_seconds"] > 0 for r in runs if r.finished)
+
+
+@pytest.mark.parametrize("testbed", sorted(reference.TESTBEDS))
+def test_the_book_s_reference_studies_are_complete_and_read_without_problems(testbed):
+    study, runs, problems = reference.read(testbed, "cpu")
+    from aace.study import PLANS, _plan_record
+    assert problems == [] and study["complete"] and study["plan"] == _plan_record(PLANS[reference.TESTBEDS[testbed].plan])
+    assert all(v["edge"] is None for v in study["chosen"].values())  # every choice interior (issue 23, item 3)
