@@ -71,7 +71,8 @@ def _interrupts_reach_the_kernel():
 
 def page_inputs(name: str, parameters: dict) -> str:
     """A digest of what a page's executed output depends on: its notebook, its parameters, the package's code,
-    the committed exports (results/, the smoke fixture's), the run store it reads and torch's version."""
+    the committed exports (results/, the smoke fixture's), where its run store is (``AACE_RUNS``; not what the
+    store holds: a page that finished had every run it needed) and torch's version."""
     import hashlib
     import json
 
@@ -88,12 +89,8 @@ def page_inputs(name: str, parameters: dict) -> str:
 
 def _kept(output_dir: Path, name: str, inputs: str) -> bool:
     """Whether the page's last good execution had these inputs (then it is kept, not executed again)."""
-    import json
-    try:
-        entry = json.loads((output_dir / REPORT).read_text()).get(name, {})
-    except (OSError, ValueError, AttributeError):
-        return False
-    return entry.get("inputs") == inputs and (output_dir / f"{name}.ipynb").is_file()
+    entry = _read_report(output_dir).get(name)
+    return isinstance(entry, dict) and entry.get("inputs") == inputs and (output_dir / f"{name}.ipynb").is_file()
 
 
 def execute_notebooks(profile: str, names: list[str] | None = None, parameters: dict | None = None,
@@ -129,9 +126,9 @@ def execute_notebooks(profile: str, names: list[str] | None = None, parameters: 
         target, partial = output_dir / f"{name}.ipynb", output_dir / f".{name}.executing.ipynb"
         inputs = page_inputs(name, own)
         if name != "build_report" and not rerun and _kept(output_dir, name, inputs):
-            print(f"keeping {name}: its notebook, parameters, package, exports and run store are those of its last "
+            print(f"keeping {name}: its notebook, parameters, package, exports and run store location are those of its last "
                   f"execution (--rerun executes it again)", flush=True)
-            record_page(output_dir, name, own, None, None, inputs)
+            _mark_kept(output_dir, name)
             executed.append(target)
             continue
         print(f"executing {name} with {own}", flush=True)
@@ -160,23 +157,28 @@ def execute_notebooks(profile: str, names: list[str] | None = None, parameters: 
     return executed
 
 
-def record_page(output_dir: Path, name: str, parameters: dict, seconds: float | None, log: Path | None,
-                inputs: str) -> None:
-    """Add a page's entry to the build report: its time, the runs it trained and read (store, export), the
-    machine, the version, the commit and its inputs' digest. A page kept from its last execution (``seconds``
-    None) keeps that execution's entry, marked kept; pages not in this build keep their last entry as it was."""
+def _read_report(output_dir: Path) -> dict:
     import json
+    try:
+        report = json.loads((output_dir / REPORT).read_text())
+    except (OSError, ValueError):
+        return {}
+    return report if isinstance(report, dict) else {}
 
+
+def _mark_kept(output_dir: Path, name: str) -> None:
+    """A page kept from its last execution keeps that execution's entry, marked kept by this build."""
+    report = _read_report(output_dir)
+    report[name] = {**report[name], "kept": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
+    _write_report(output_dir / REPORT, report)
+
+
+def record_page(output_dir: Path, name: str, parameters: dict, seconds: float, log: Path, inputs: str) -> None:
+    """Add a page's entry to the build report: its time, the runs it trained and read (store, export), the
+    machine, the version, the commit and its inputs' digest. Pages not executed this time keep their last entry."""
     from . import __version__
     from .results import git_commit, machine
-    report_file = output_dir / REPORT
-    try:
-        report = json.loads(report_file.read_text())
-    except (OSError, ValueError):
-        report = {}
-    if seconds is None:
-        report[name] = {**report[name], "kept": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
-        return _write_report(report_file, report)
+    report = _read_report(output_dir)
     kinds = {}
     try:
         for line in log.read_text().splitlines():
@@ -190,7 +192,7 @@ def record_page(output_dir: Path, name: str, parameters: dict, seconds: float | 
                     "runs_read_from_exports": len(kinds.get("export", set())),
                     "executed": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "machine": machine(),
                     "aace_version": __version__, "git_commit": git_commit(), "inputs": inputs, "kept": None}
-    _write_report(report_file, report)
+    _write_report(output_dir / REPORT, report)
 
 
 def _write_report(report_file: Path, report: dict) -> None:
