@@ -1,9 +1,9 @@
 """The reference studies and the book's verdicts on them.
 
-Each testbed's study runs once (``python -m aace study --profile cpu|cpu-noise --export results/...``, hours on two
-CPU cores, resumable across machines from its committed partial export) and is committed with its provenance;
-the book reads it, and on every build replicates a declared slice of it (``REPLICATED_SEEDS`` of every final
-arm) to show how the reader's machine compares with the reference.
+Each testbed's study runs once (``python -m aace study --profile cpu-reference|cpu-noise-power --export
+results/...``, hours on two CPU cores, resumable across machines from its committed partial export) and is
+committed with its provenance; the book reads it, and on every build replicates a declared slice of it
+(``REPLICATED_SEEDS`` of every final arm) to show how the reader's machine compares with the reference.
 
 Declared before the runs (issue 23): two questions, each a Holm family over the comparisons below and scored two
 ways; the positive control first: a testbed on which SAM does not beat SGD cannot say whether a better
@@ -33,7 +33,7 @@ class Testbed:
 # seconds-long copies, committed as the nbval fixture (make nbval-fixture).
 REFERENCES = {
     "cpu": {"clean": Testbed("clean", "cpu-reference", "results/cpu-fashion-mnist", "clean labels"),
-            "noise": Testbed("noise", "cpu-noise", "results/cpu-fashion-mnist-noise", "40 % label noise")},
+            "noise": Testbed("noise", "cpu-noise-power", "results/cpu-fashion-mnist-noise-50", "40 % label noise")},
     "smoke": {"clean": Testbed("clean", "smoke", "tests/fixtures/study-smoke", "clean labels"),
               "noise": Testbed("noise", "smoke-noise", "tests/fixtures/study-smoke-noise", "40 % label noise")},
 }
