@@ -21,8 +21,9 @@ clean-book:
 
 # The nbval fixture: train the smoke runs every page needs into tests/fixtures/runs and record the pages'
 # outputs from them into tests/nbval, with the smoke studies' exports that the GPU-scale sections and the intro's
-# reference answer read (the smoke copies of results/cpu-fashion-mnist and results/cpu-fashion-mnist-noise-50). Rerun it (and commit both) after a change to a page, to what a page
-# trains, or to anything that changes a run's numbers (a new aace.__version__).
+# reference answer read (the smoke copies of results/cpu-fashion-mnist and results/cpu-fashion-mnist-noise-50).
+# Rerun it (and commit both) after a change to a page, to what a page trains, or to anything that changes a
+# run's numbers (a new aace.__version__).
 nbval-fixture:
 	scripts/setup.sh
 	rm -rf tests/fixtures/runs tests/fixtures/study-smoke tests/fixtures/study-smoke-noise /tmp/aace-checkpoints-read \

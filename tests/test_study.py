@@ -7,7 +7,7 @@ import shutil
 import pytest
 import torch
 
-from aace import results, study
+from aace import reference, results, study
 from aace.cli import main as cli_main
 from aace.config import profile_config
 from aace.data import train_validation_split
@@ -201,7 +201,7 @@ def test_noise_testbed_noises_training_and_validation_labels_apart_and_leaves_th
         RunConfig(validation_label_noise=True)
 
 
-@pytest.mark.parametrize("name", ["cpu-reference", "cpu-noise-power"])
+@pytest.mark.parametrize("name", sorted({bed.plan for bed in reference.TESTBEDS.values()}))
 def test_reference_plans_tune_every_arm_on_a_grid_and_run_fresh_paired_seeds(name):
     plan = study.PLANS[name]
     assert set(plan.rhos) == set(study.TUNED_ARMS) and set(plan.final_arms) == set(study.ALL_ARMS)
