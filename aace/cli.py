@@ -75,6 +75,8 @@ def main(argv: list[str] | None = None) -> int:
     study.add_argument("--stop-after", type=float, default=None, metavar="MINUTES",
                        help="start no new run after this many minutes (the study resumes when run again)")
     study.add_argument("--export", default=None, metavar="DIR", help="when complete, export the study to DIR")
+    study.add_argument("--resume-from", action="append", default=[], metavar="DIR",
+                       help="also take finished runs from this export (another study's, say), checked first; repeatable")
     study.add_argument("--print-commands", action="store_true",
                        help="print one 'python -m aace train' command per run (for a job array) instead")
     _add_config_options(study)
@@ -172,12 +174,27 @@ def _study(args, argv) -> int:
     if args.workers < 1:
         raise ValueError(f"--workers: expected an integer >= 1, got {args.workers}")
     from .results import _check_target, export, runs_in_export
-    found, earlier = None, []
+    finders, earlier = [], []
     if args.export:  # before any training: a study of hours must not end on an unusable --export
         _check_target(Path(args.export).absolute(), {"profile": args.profile, "plan": study._plan_record(plan)})
-        found, earlier = runs_in_export(args.export)
+    for directory in [*([args.export] if args.export else []), *args.resume_from]:
+        if not directory or not Path(directory).is_dir() and directory in args.resume_from:
+            raise ValueError(f"--resume-from {directory!r}: expected the folder of an export")
+        finder, history = runs_in_export(directory)
+        if finder is None and directory in args.resume_from:
+            raise ValueError(f"--resume-from {directory}: holds no export (no study.json)")
+        if finder is not None:
+            finders.append(finder)
+            earlier += history
+
+    def found(config):
+        for finder in finders:
+            run_ = finder(config)
+            if run_ is not None:
+                return run_
+        return None
     stop_after = None if args.stop_after is None else 60 * args.stop_after
-    record = study.run_study(args.profile, args.runs_dir, args.workers, stop_after, found=found,
+    record = study.run_study(args.profile, args.runs_dir, args.workers, stop_after, found=found if finders else None,
                              earlier_invocations=earlier, **overrides)
     exported = ""
     if args.export:

@@ -14,7 +14,8 @@ import time
 from pathlib import Path
 
 from .machine import machine
-from .study import ALL_ARMS, Plan, _utc, arm_key, choose_rhos, final_configs, tuned_value, tuning_configs
+from .study import (ALL_ARMS, BASELINE_ARMS, TUNED_ARMS, Plan, _utc, choose_rhos, final_configs,
+                    final_configs_by_arm, tuned_value, tuning_configs)
 
 
 def git_commit() -> str:
@@ -76,7 +77,8 @@ def _check_target(directory: Path, record: dict) -> None:
     if foreign:
         raise ValueError(f"--export {directory}: holds files that no export wrote ({', '.join(foreign[:3])}"
                          f"{', ...' if len(foreign) > 3 else ''}); give a new or empty folder (nothing was written)")
-    if study.get("profile") != record["profile"] or study.get("plan") != record["plan"]:
+    # The same study is the same profile: its plan may have grown since (a grid extended, issue 23 item 3).
+    if study.get("profile") != record["profile"]:
         raise ValueError(f"--export {directory}: holds the export of another study (profile "
                          f"{study.get('profile')!r}); give a new or empty folder (nothing was written)")
 
@@ -172,7 +174,7 @@ def plan_of(study: dict) -> Plan:
     """The Plan a study record (or study.json) was run with."""
     p = study["plan"]
     return Plan(p["profile"], {k: tuple(v) for k, v in p["rhos"].items()}, tuple(p["tuning_seeds"]),
-                tuple(p["final_seeds"]), p["settings"], tuple(p.get("final_arms", ALL_ARMS)))
+                tuple(p["final_seeds"]), p["settings"], tuple(p.get("final_arms", {**BASELINE_ARMS, **TUNED_ARMS})))
 
 
 def check_export(directory, version: str | None = None) -> list[str]:
@@ -275,14 +277,15 @@ def export_for(profile: str) -> Path:
 
 
 def final_runs(study: dict, runs) -> dict:
-    """{arm key: the final runs}, the tuning runs left out."""
-    seeds = set(study["plan"]["final_seeds"])
-    chosen = {k: v["rho"] for k, v in study["chosen"].items()}
+    """{arm key: the final runs}, the tuning runs left out; the runs of each arm's final configs under the
+    study's plan and choices (a crossed arm's may be another arm's runs, ``aace.study.CROSSED``)."""
+    chosen = {k: v["rho"] for k, v in (study["chosen"] or {}).items()}
+    by_config = {r.config: r for r in runs}
     out = {}
-    for r in runs:
-        key = arm_key(r.config)
-        if r.config.seed in seeds and (key == "sgd" or (key in chosen and tuned_value(key, r.config) == chosen[key])):
-            out.setdefault(key, []).append(r)
+    for key, configs in final_configs_by_arm(plan_of(study), chosen, **study.get("overrides", {})).items():
+        found = [by_config[c] for c in configs if c in by_config]
+        if found:
+            out[key] = found
     return out
 
 

@@ -204,12 +204,13 @@ def test_noise_testbed_noises_training_and_validation_labels_apart_and_leaves_th
 @pytest.mark.parametrize("name", sorted({bed.plan for bed in reference.TESTBEDS.values()}))
 def test_reference_plans_tune_every_arm_on_a_grid_and_run_fresh_paired_seeds(name):
     plan = study.PLANS[name]
-    assert set(plan.rhos) == set(study.TUNED_ARMS) and set(plan.final_arms) == set(study.ALL_ARMS)
+    main_arms = {*study.BASELINE_ARMS, *study.TUNED_ARMS}
+    assert set(plan.rhos) == set(study.TUNED_ARMS) and main_arms <= set(plan.final_arms) <= set(study.ALL_ARMS)
     assert all(len(v) >= 4 for v in plan.rhos.values())
     assert not set(plan.tuning_seeds) & set(plan.final_seeds)
     chosen = {k: v[1] for k, v in plan.rhos.items()}
     finals = study.final_configs(plan, chosen)
-    assert {study.arm_key(c) for c in finals} == set(study.ALL_ARMS)
+    assert {study.arm_key(c) for c in finals} == main_arms
     ls = [c for c in finals if study.arm_key(c) == "sgd_ls"]
     assert {c.label_smoothing for c in ls} == {plan.rhos["sgd_ls"][1]} and {c.rho for c in ls} == {0.0}
     for c in study.tuning_configs(plan) + finals:  # one thread (found on any machine), a validation split, the whole test set at the end
@@ -217,6 +218,36 @@ def test_reference_plans_tune_every_arm_on_a_grid_and_run_fresh_paired_seeds(nam
     for c in study.tuning_configs(plan) + finals:
         assert c.threads == 1 and c.val_subset and c.final_full_test
         assert study.tuned_value(study.arm_key(c), c) in (0.0, *plan.rhos.get(study.arm_key(c), ()))
+
+
+def test_exact_ties_go_to_the_smaller_value():
+    # The clean export's label smoothing tie: (0.804 + 0.815) / 2 and (0.808 + 0.811) / 2 differ as floats
+    # (0.8095 and 0.8095000000000001) but not as counts of images; the declared rule takes the smaller value.
+    plan = study.Plan("smoke", {"sgd_ls": (0.02, 0.1, 0.2)}, tuning_seeds=(1, 2), final_seeds=(0,))
+
+    class Fake:
+        def __init__(self, value, seed, acc):
+            self.config = profile_config("smoke", method="sgd", label_smoothing=value, seed=seed)
+            self.summary, self.finished = {"val_acc": acc, "status": "finished"}, True
+    runs = [Fake(0.02, 1, 0.804), Fake(0.02, 2, 0.815), Fake(0.1, 1, 0.5), Fake(0.1, 2, 0.5),
+            Fake(0.2, 1, 0.808), Fake(0.2, 2, 0.811)]
+    assert (0.808 + 0.811) / 2 > (0.804 + 0.815) / 2  # the float comparison that chose 0.2
+    chosen = study.choose_rhos(plan, runs)["sgd_ls"]
+    assert chosen["rho"] == 0.02 and chosen["edge"] == "lowest"
+    assert chosen["table"]["0.02"] == chosen["table"]["0.2"]
+
+
+def test_crossed_arms_run_one_arm_at_another_arms_chosen_value():
+    plan = study.PLANS["cpu-noise-reference"]
+    by_arm = study.final_configs_by_arm(plan, {"sgd_ls": 0.8, "sam": 0.2, "aace": 1.0, "aace_normalised": 0.5})
+    assert {c.rho for c in by_arm["sam_at_normalised_rho"]} == {0.5}
+    assert {(c.method, c.normalize) for c in by_arm["sam_at_normalised_rho"]} == {("sam", True)}
+    assert {c.rho for c in by_arm["aace_normalised_at_sam_rho"]} == {0.2}
+    assert {(c.method, c.normalize) for c in by_arm["aace_normalised_at_sam_rho"]} == {("aace", True)}
+    assert all(len(v) == 50 for v in by_arm.values()) and len(by_arm) == 7
+    # Two arms that chose the same value share their runs: each config is trained once.
+    same = study.final_configs(plan, {"sgd_ls": 0.8, "sam": 0.5, "aace": 1.0, "aace_normalised": 0.5})
+    assert len(same) == len(set(same)) == 5 * 50
 
 
 def test_a_choice_at_the_end_of_its_grid_is_flagged():
