@@ -177,12 +177,13 @@ def plan_of(study: dict) -> Plan:
                 tuple(p["final_seeds"]), p["settings"], tuple(p.get("final_arms", {**BASELINE_ARMS, **TUNED_ARMS})))
 
 
-def check_export(directory, version: str | None = None) -> list[str]:
+def check_export(directory, version: str | None = None, choices: bool = True) -> list[str]:
     """What is wrong with an export (empty when nothing is); never raises. Every file must match the SHA-256
     that study.json records for it, and study.json its own digest; every run's config must rebuild the hash in
     its folder name on the device it ran on; a complete study must hold every run of its grid, and its chosen
     rhos must follow from its tuning runs. ``version``: also report an export made by another aace version
-    (stale: its runs are not the ones this version trains)."""
+    (stale: its runs are not the ones this version trains). ``choices=False``: the runs' integrity only, not
+    whether the recorded choices follow from the current rule (a study resumed under a revised rule re-chooses)."""
     directory = Path(directory)
     if not (directory / "study.json").is_file():
         return [f"no export in {directory} (no study.json)"]
@@ -225,7 +226,7 @@ def check_export(directory, version: str | None = None) -> list[str]:
             continue
         if expected != r.path.name.split("-")[-1]:
             problems.append(f"{r.path.name}: its config hashes to {expected}, not {r.path.name.split('-')[-1]}")
-    if problems or not study.get("complete"):
+    if problems or not study.get("complete") or not choices:
         return problems  # a partial export holds what was stored when it was written
     expected = tuning_configs(plan, **study["overrides"]) + final_configs(plan, recorded, **study["overrides"])
     have = {json.dumps(r.config.to_dict(), sort_keys=True) for r in runs}
@@ -250,7 +251,7 @@ def runs_in_export(directory):
     directory = Path(directory)
     if not (directory / "study.json").is_file():
         return None, []
-    problems = check_export(directory)
+    problems = check_export(directory, choices=False)
     if problems:
         raise CorruptRun(f"the export {directory} cannot be resumed from: {'; '.join(problems[:3])}"
                          f"{' ...' if len(problems) > 3 else ''}. Move it away (or restore it from git) and run again")
