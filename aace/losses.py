@@ -74,8 +74,9 @@ def aace_target(logits: torch.Tensor, target: torch.Tensor, mode: str = "ada", t
         others = torch.softmax(z.masked_fill(true, float("-inf")), dim=1)
     else:
         if mode == "rand":
-            # U(0, 1]; a generator, when given, must live on the logits' device.
-            weights = 1.0 - torch.rand(z.shape, generator=generator, device=z.device, dtype=z.dtype)
+            # U(0, 1]; a generator, when given, must live on the logits' device. Drawn in the default dtype and
+            # then cast, as the authors' code draws it, so that float64 logits see the same weights.
+            weights = (1.0 - torch.rand(z.shape, generator=generator, device=z.device)).to(z.dtype)
         else:
             weights = torch.ones_like(z)
         weights = weights.masked_fill(true, 0.0)

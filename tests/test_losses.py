@@ -62,6 +62,19 @@ def test_against_loop_implementation(batch, mode, threshold, target_norm):
     torch.testing.assert_close(got, loop_loss(logits, t), rtol=1e-5, atol=1e-6)
 
 
+def test_rand_mode_draws_float64_weights_as_the_authors_do(batch):
+    # The authors draw the random weights with torch.rand in the default dtype (float32) and cast them: float64
+    # logits must see the same weights, or float64 parity with their loss is lost.
+    logits, y = batch
+    z = logits.double()
+    weights = (1.0 - torch.rand(z.shape, generator=torch.Generator().manual_seed(7))).to(torch.float64)
+    expected = loop_target(z, y, "rand", 0.0, "authors", weights)
+    got = aace_target(z, y, "rand", generator=torch.Generator().manual_seed(7))
+    assert got.dtype == torch.float64 and torch.allclose(got, expected.to(got.dtype), rtol=0, atol=1e-12)
+    loss = aace_loss(z, y, "rand", threshold=0.3, reduction="none", generator=torch.Generator().manual_seed(7))
+    assert loss.dtype == torch.float64 and torch.isfinite(loss).all()
+
+
 def test_rand_mode_against_loop_with_same_draw(batch):
     logits, y = batch
     weights = 1.0 - torch.rand(logits.shape, generator=torch.Generator().manual_seed(7))
