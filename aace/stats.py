@@ -6,7 +6,9 @@ Per comparison, in this order:
   over its declared family);
 - "equivalent within ±0.5 points" when TOST at alpha 0.05 rejects both one-sided nulls (the 90 % interval lies
   inside the margin);
-- otherwise "inconclusive: compatible with [lo, hi]" (the 95 % interval).
+- otherwise "inconclusive: compatible with [lo, hi]" (the family-adjusted interval, 1 - alpha / m).
+Each verdict prints the interval its rule used (the 90 % one for TOST). The median and a Wilcoxon signed-rank p
+go beside a skewed comparison as a sensitivity check (``sensitivity``).
 The margin is SAM's own published gain on Fashion-MNIST (Foret et al. 2021, Table 5: WRN-28-10 with basic
 augmentation, 4.57 -> 3.98 % error, 0.59 points), rounded down: a margin wider than SAM's own effect could not
 separate "AACE helps as much as SAM does" from "no effect". The minimum detectable effect (MDE) is the true
@@ -107,18 +109,48 @@ def family_alpha(family_size: int, alpha: float = ALPHA) -> float:
     return alpha / max(1, family_size)
 
 
+def adjusted_confidence(family_size: int, alpha: float = ALPHA) -> float:
+    """The confidence of the family-adjusted interval that goes with a Holm-adjusted test: 1 - alpha / m, the
+    level of Holm's strictest step (Bonferroni's), so that the interval excludes 0 whenever that step rejects."""
+    return 1 - family_alpha(family_size, alpha)
+
+
 def comparison_verdict(d: dict, adjusted_p: float, margin: float = EQUIVALENCE_MARGIN, scale: float = 100.0,
-                       unit: str = "points") -> str:
-    """The declared rule's words for one paired comparison (see the module's docstring)."""
+                       unit: str = "points", family_size: int = 1) -> str:
+    """The declared rule's words for one paired comparison (see the module's docstring), each with the interval
+    its rule used: the family-adjusted interval (``adjusted_confidence``) beside a Holm-adjusted test, the 90 %
+    interval beside TOST."""
     if d["n"] < 2:
         return "inconclusive: one seed"
+
+    def shown(confidence, label):
+        lo, hi = interval(d, confidence)
+        return f"{label} [{scale * lo:+.2f}, {scale * hi:+.2f}]"
+    level = adjusted_confidence(family_size)
+    adjusted = shown(level, f"{100 * level:.3g} % interval" + (f", adjusted for {family_size} comparisons"
+                                                               if family_size > 1 else ""))
     if adjusted_p < ALPHA:
         return (f"{'better' if d['mean'] > 0 else 'worse'} by {scale * abs(d['mean']):.2f} {unit} "
-                f"(Holm-adjusted p = {adjusted_p:.2g})")
+                f"(Holm-adjusted p = {adjusted_p:.2g}; {adjusted})")
     if tost_p(d, margin) < ALPHA:
-        return f"equivalent within ±{scale * margin:.1f} {unit} (TOST p = {tost_p(d, margin):.2g})"
-    lo, hi = interval(d)
-    return f"inconclusive: compatible with [{scale * lo:+.2f}, {scale * hi:+.2f}] {unit}"
+        return (f"equivalent within ±{scale * margin:.1f} {unit} (TOST p = {tost_p(d, margin):.2g}; "
+                f"{shown(0.90, '90 % interval')})")
+    lo, hi = interval(d, level)
+    return f"inconclusive: compatible with [{scale * lo:+.2f}, {scale * hi:+.2f}] {unit} ({adjusted.split(' [')[0]})"
+
+
+def sensitivity(d: dict) -> dict:
+    """Robustness of a paired comparison to skewed differences: the median and the Wilcoxon signed-rank test's
+    two-sided p (SciPy), beside the t-test's mean."""
+    values = np.asarray(d["values"], dtype=float)
+    if len(values) < 2 or not np.any(values):
+        return {"median": float(np.median(values)) if len(values) else float("nan"), "wilcoxon_p": float("nan")}
+    return {"median": float(np.median(values)), "wilcoxon_p": float(st.wilcoxon(values).pvalue)}
+
+
+def skewness(d: dict) -> float:
+    """Sample skewness of the paired differences (SciPy, bias-corrected)."""
+    return float(st.skew(d["values"], bias=False)) if d["n"] > 2 else float("nan")
 
 
 def prediction_interval(d: dict, k: int, confidence: float = 0.95) -> tuple[float, float]:

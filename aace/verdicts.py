@@ -3,7 +3,12 @@
 Declared before the reference runs (issue 23): two questions, each one Holm family, each scored two ways. The
 positive control comes first: on a testbed where SAM does not beat SGD, nothing can be said about whether a
 better perturbation helps SAM, and every AACE verdict there says so. The same comparison has the same family,
-so the same p and verdict, on every page.
+so the same p and verdict, on every page. A third question, declared before its runs (issue 30, item 3), on the
+testbeds whose plans run the crossed arms: does AACE's *direction* help at equal step length, or is its gain the
+longer step? Normalised AACE − SAM at each of the two arms' chosen rhos, and SAM at the larger rho − SAM.
+
+The primary scoring is final-epoch accuracy on the whole test set (``PRIMARY``); the best-epoch scoring is a
+sensitivity analysis, on the test subset the runs score during training.
 """
 from __future__ import annotations
 
@@ -14,12 +19,19 @@ from .study import ALL_ARMS
 FAMILIES = {
     "positive control": (("sam", "sgd"),),
     "AACE": (("aace", "sam"), ("aace_normalised", "sam"), ("aace", "sgd_ls")),
+    "direction vs step length": (("aace_normalised_at_sam_rho", "sam"), ("aace_normalised", "sam_at_normalised_rho"),
+                                 ("sam_at_normalised_rho", "sam")),
 }
+PRIMARY = "final"
 SCORINGS = {
-    "final": "final-epoch test accuracy (on the whole test set where the run scored it there)",
-    "best": "test accuracy at the epoch of best validation accuracy (the epoch chosen on the validation split, "
-            "never on the test set; on the test subset the runs score during training)",
+    "final": "primary: final-epoch accuracy on the whole test set",
+    "best": "sensitivity analysis: test accuracy at the epoch of best validation accuracy (chosen on the "
+            "validation split, never on the test set), on the 1,000-image test subset the runs score during "
+            "training",
 }
+# The direction-versus-length readings, by which of its contrasts the rule calls 'better': direction when AACE's
+# direction beats SAM's at both step lengths, length when SAM's own larger step beats its smaller one.
+READINGS = {(True, True): "both", (True, False): "direction", (False, True): "length", (False, False): "neither"}
 NO_CONTROL = "this testbed cannot see SAM's own effect"
 
 
@@ -45,24 +57,41 @@ def name(a: str, b: str) -> str:
     return f"{ALL_ARMS[a].name} − {ALL_ARMS[b].name}"
 
 
-def verdicts(finals_: dict, scoring: str = "final"):
+def verdicts(finals_: dict, scoring: str = PRIMARY):
     """One row per declared comparison: its family, effect, 95 % interval, n, MDE at the family's Holm level,
     Holm-adjusted p and the rule's verdict; the AACE family's verdicts carry the positive control's outcome."""
     import pandas as pd
     rows, control_seen = [], None
     for family, pairs in FAMILIES.items():
-        pairs = [(a, b) for a, b in pairs if a in finals_ and b in finals_]
+        pairs = [(a, b) for a, b in pairs if a in finals_ and b in finals_ and not _same_runs(finals_, a, b)]
         diffs = [paired(finals_, a, b, scoring) for a, b in pairs]
         adjusted = stats.holm([stats.p_value(d) for d in diffs])
         for (a, b), d, p in zip(pairs, diffs, adjusted):
-            verdict = stats.comparison_verdict(d, p)
+            verdict = stats.comparison_verdict(d, p, family_size=len(pairs))
             if family == "positive control":
                 control_seen = verdict.startswith("better")
             elif control_seen is False:
                 verdict += f"; {NO_CONTROL}"
             lo, hi = stats.interval(d)
+            robust = stats.sensitivity(d)
             rows.append({"question": family, "comparison": name(a, b), "effect (points)": 100 * d["mean"],
                          "95 % interval": f"[{100 * lo:+.2f}, {100 * hi:+.2f}]", "paired seeds": d["n"],
                          "MDE (points)": 100 * stats.minimum_detectable_effect(d, stats.family_alpha(len(pairs))),
-                         "Holm-adjusted p": p, "verdict": verdict})
+                         "Holm-adjusted p": p, "verdict": verdict, "median (points)": 100 * robust["median"],
+                         "Wilcoxon p": robust["wilcoxon_p"], "skewness": stats.skewness(d)})
     return pd.DataFrame(rows)
+
+
+def _same_runs(finals_: dict, a: str, b: str) -> bool:
+    """Whether two arms are the same runs (a crossed arm when both arms chose one rho): no comparison to make."""
+    return len(finals_[a]) == len(finals_[b]) and all(x is y for x, y in zip(finals_[a], finals_[b]))
+
+
+def reading(table) -> str | None:
+    """Which reading of AACE's gain the direction-versus-length verdicts support ('direction', 'length', 'both',
+    'neither'); None when the testbed did not run that question."""
+    rows = table[table["question"] == "direction vs step length"]
+    if len(rows) < 3:
+        return None
+    better = rows["verdict"].str.startswith("better").tolist()
+    return READINGS[(better[0] and better[1], better[2])]

@@ -71,13 +71,24 @@ def test_tost_rejects_exactly_when_the_90_percent_interval_lies_inside_the_margi
 
 def test_verdicts_follow_the_declared_rule():
     clear = st.spread([0.02, 0.021, 0.019, 0.02])
-    assert st.comparison_verdict(clear, 0.001).startswith("better by 2.00 points (Holm-adjusted p = 0.001)")
+    assert st.comparison_verdict(clear, 0.001).startswith("better by 2.00 points (Holm-adjusted p = 0.001; 95 % interval")
     assert st.comparison_verdict(st.spread([-v for v in clear["values"]]), 0.001).startswith("worse by 2.00")
     tight = st.spread([0.001, -0.001, 0.0, 0.002, -0.002, 0.001, 0.0, -0.001])
     assert st.comparison_verdict(tight, 0.9).startswith("equivalent within ±0.5 points (TOST p")
+    lo90, hi90 = st.interval(tight, 0.90)  # TOST's interval, not the 95 % one
+    assert st.comparison_verdict(tight, 0.9).endswith(f"90 % interval [{100 * lo90:+.2f}, {100 * hi90:+.2f}])")
     wide = st.spread([0.05, -0.05, 0.02, -0.03])
     lo, hi = st.interval(wide)
-    assert st.comparison_verdict(wide, 0.9) == f"inconclusive: compatible with [{100 * lo:+.2f}, {100 * hi:+.2f}] points"
+    assert st.comparison_verdict(wide, 0.9) == (f"inconclusive: compatible with [{100 * lo:+.2f}, {100 * hi:+.2f}] "
+                                                f"points (95 % interval)")
+    # In a family of 3, the interval beside the Holm-adjusted test is the family-adjusted one (1 - 0.05 / 3).
+    lo3, hi3 = st.interval(wide, 1 - 0.05 / 3)
+    assert st.comparison_verdict(wide, 0.9, family_size=3) == (
+        f"inconclusive: compatible with [{100 * lo3:+.2f}, {100 * hi3:+.2f}] points (98.3 % interval, adjusted for "
+        f"3 comparisons)")
+    lo3, hi3 = st.interval(clear, 1 - 0.05 / 3)
+    assert st.comparison_verdict(clear, 0.001, family_size=3).endswith(
+        f"98.3 % interval, adjusted for 3 comparisons [{100 * lo3:+.2f}, {100 * hi3:+.2f}])")
     # significant before Holm, not after: never "better"
     assert st.comparison_verdict(clear, 0.06).startswith(("equivalent", "inconclusive"))
     assert st.comparison_verdict(st.spread([0.1]), float("nan")) == "inconclusive: one seed"
@@ -90,3 +101,19 @@ def test_prediction_interval_for_a_mean_of_k_new_seeds():
     half = scipy_stats.t.ppf(0.975, 5) * d["std"] * math.sqrt(1 / 6 + 1 / 2)
     assert (lo, hi) == pytest.approx((d["mean"] - half, d["mean"] + half))
     assert st.prediction_interval(d, 1)[1] - st.prediction_interval(d, 1)[0] > hi - lo
+
+
+def test_sensitivity_gives_the_median_and_wilcoxon_beside_a_skewed_mean():
+    # Three seeds lose much where the rest gain a little (the clean testbed's shape): mean below median.
+    values = [0.003] * 27 + [-0.0233, -0.0153, -0.0117]
+    d = st.spread(values)
+    out = st.sensitivity(d)
+    assert out["median"] == 0.003 and d["mean"] < out["median"]
+    assert out["wilcoxon_p"] == pytest.approx(stats_wilcoxon(values))
+    assert st.skewness(d) < -2
+    assert math.isnan(st.sensitivity(st.spread([0.0, 0.0]))["wilcoxon_p"])
+
+
+def stats_wilcoxon(values):
+    from scipy.stats import wilcoxon
+    return wilcoxon(values).pvalue
