@@ -69,6 +69,7 @@ class RunConfig:
     threads: int | None = None
     data_root: str | None = None
     download: bool = False
+    modified_data: bool = False            # train on a data set that is not the published one (its digest is hashed)
 
     def __post_init__(self):
         def fail(name, allowed):
@@ -93,7 +94,8 @@ class RunConfig:
             parse_model_name(self.model, self.model_variant)
         except ValueError as err:
             raise ValueError(f"RunConfig.model: {err}") from None
-        for name in ("adaptive", "nesterov", "download", "m_sharpness", "final_full_test", "validation_label_noise"):
+        for name in ("adaptive", "nesterov", "download", "m_sharpness", "final_full_test", "validation_label_noise",
+                     "modified_data"):
             if not isinstance(getattr(self, name), bool):
                 fail(name, "True or False")
         if self.normalize is not None and not isinstance(self.normalize, bool):
@@ -144,6 +146,8 @@ class RunConfig:
             fail("nesterov", "False when momentum is 0 (Nesterov needs momentum)")
         if self.data_root is not None and not (isinstance(self.data_root, str) and self.data_root.strip()):
             fail("data_root", "None (the system copy) or the path of a folder")
+        if self.modified_data and self.dataset != "fashion_mnist":
+            fail("modified_data", "False for datasets other than fashion_mnist (torchvision checks their files)")
         # Resolve the method-dependent defaults so that the stored config says what ran.
         if self.method == "sgd":
             object.__setattr__(self, "rho", 0.0 if self.rho is None else self.rho)
@@ -190,6 +194,9 @@ class RunConfig:
         defaults = {f.name: f.default for f in fields(self)}
         items = {k: v for k, v in self.to_dict().items() if k not in NOT_IN_HASH and v != defaults[k]}
         items["device"], items["aace_version"] = device_type, version or __version__
+        if self.modified_data:  # another data set than the published one: its content names the run
+            from .data import dataset_digest
+            items["data_digest"] = dataset_digest(self.dataset, self.data_root)
         if device_type == "cpu":
             if not (isinstance(cpu_threads, int) and cpu_threads >= 1):
                 raise ValueError(f"run_hash: a CPU run's hash needs its thread count, got cpu_threads={cpu_threads!r}")

@@ -7,6 +7,7 @@ is converted once (zero-pad to square, resize to 32x32) and cached next to the d
 from __future__ import annotations
 
 import gzip
+import hashlib
 import zlib
 import os
 import struct
@@ -78,16 +79,42 @@ _FMNIST_FIX = ("install the Debian package (sudo apt-get install dataset-fashion
                "(data_root= in Python) a folder holding the four IDX files (.gz or not), or add --download true "
                "on a machine with a network")
 _IDX_NAMES = ", ".join(f"{stem}[.gz]" for stems in _IDX_FILES.values() for stem in stems)
+# SHA-256 of each file's uncompressed IDX bytes, so that a .gz compressed anew (Debian's are; their MD5s differ
+# from the ones torchvision checks on Zalando's downloads) and an uncompressed copy are both recognised. Computed
+# from Debian's dataset-fashion-mnist (2020 upload of Zalando's release); a copy whose bytes differ is another
+# data set, trained only with modified_data=True, which puts its digest into the run's hash.
+FASHION_MNIST_SHA256 = {
+    "train-images-idx3-ubyte": "c59f468a2f672dc815687fe0f83887768d799fd8a3f3276145d20f83aa44d888",
+    "train-labels-idx1-ubyte": "bad3541b69d912435c50bb6ba87bec294ff4f6a2e1246121d8633921760443d9",
+    "t10k-images-idx3-ubyte": "5b4141f0afbad91edebe8549f8fcffe087ea10ca49f1dbef5c9a5cd8815ce37b",
+    "t10k-labels-idx1-ubyte": "0402a96d92fd2663957122ceb108a494c5af83dab82d92729df917d7dec38c34",
+}
 
 
-def read_idx(path: Path) -> torch.Tensor:
-    """Read an IDX file (optionally gzip-compressed) of unsigned bytes into a uint8 tensor."""
+class DatasetModified(DatasetCorrupt):
+    """A dataset file is readable but is not the published data set: names the file and the way to train on it
+    anyway (``modified_data``)."""
+
+
+def _idx_bytes(path: Path) -> bytes:
     try:
         opener = gzip.open if path.suffix == ".gz" else open
         with opener(path, "rb") as f:
-            raw = f.read()
+            return f.read()
     except (OSError, EOFError, zlib.error) as err:  # zlib.error: a damaged compressed stream
         raise DatasetCorrupt(f"cannot read {path}: {err}. Replace the file: {_FMNIST_FIX}") from err
+
+
+def read_idx(path: Path, sha256: str | None = None) -> torch.Tensor:
+    """Read an IDX file (optionally gzip-compressed) of unsigned bytes into a uint8 tensor; with ``sha256``, its
+    uncompressed bytes must have that digest (``DatasetModified`` otherwise)."""
+    raw = _idx_bytes(path)
+    if sha256 is not None and hashlib.sha256(raw).hexdigest() != sha256:
+        raise DatasetModified(f"{path} is not Fashion-MNIST as published (its uncompressed SHA-256 is "
+                              f"{hashlib.sha256(raw).hexdigest()[:16]}..., expected {sha256[:16]}...). Replace it: "
+                              f"{_FMNIST_FIX}; or, to train on this modified copy on purpose, add --modified-data "
+                              f"true (its digest then goes into the run's hash, so it is never read back as a run "
+                              f"on the real data)")
     if len(raw) < 4 or raw[0] != 0 or raw[1] != 0 or raw[2] != 0x08 or not 1 <= raw[3] <= 4:
         raise DatasetCorrupt(f"{path} is not an IDX file of unsigned bytes (bad magic number). "
                              f"Replace it: {_FMNIST_FIX}")
@@ -112,7 +139,8 @@ def _find_idx(folder: Path, stem: str) -> Path | None:
     return None
 
 
-def _load_fashion_mnist(data_root: Path | None, download: bool) -> tuple[ArrayData, ArrayData]:
+def _fashion_mnist_paths(data_root: Path | None, download: bool) -> dict | None:
+    """{split: [images path, labels path]} of the first folder holding all four IDX files; None when none does."""
     # A given root means that folder: the system copy is used only when no root is given.
     folders = [data_root, data_root / "FashionMNIST" / "raw"] if data_root else [DEBIAN_FASHION_MNIST]
     if data_root and not download and not any(_find_idx(f, stem) for f in folders
@@ -125,19 +153,25 @@ def _load_fashion_mnist(data_root: Path | None, download: bool) -> tuple[ArrayDa
     for folder in folders:
         paths = {split: [_find_idx(folder, stem) for stem in stems] for split, stems in _IDX_FILES.items()}
         if all(p is not None for ps in paths.values() for p in ps):
-            break
-    else:
-        if not download:
-            raise DatasetNotFound(f"Fashion-MNIST not found: looked for its IDX files in "
-                                  f"{', '.join(str(f) for f in folders)}. To fix: {_FMNIST_FIX}")
+            return paths
+    if not download:
+        raise DatasetNotFound(f"Fashion-MNIST not found: looked for its IDX files in "
+                              f"{', '.join(str(f) for f in folders)}. To fix: {_FMNIST_FIX}")
+    return None
+
+
+def _load_fashion_mnist(data_root: Path | None, download: bool, verify: bool = True) -> tuple[ArrayData, ArrayData]:
+    paths = _fashion_mnist_paths(data_root, download)
+    if paths is None:
         import torchvision
         root = data_root or default_data_root()
         torchvision.datasets.FashionMNIST(str(root), train=True, download=True)
-        return _load_fashion_mnist(root, download=False)
+        return _load_fashion_mnist(root, False, verify)
     splits = []
     for split in ("train", "test"):
         images_path, labels_path = paths[split]
-        images, labels = read_idx(images_path), read_idx(labels_path)
+        digests = [FASHION_MNIST_SHA256[stem] if verify else None for stem in _IDX_FILES[split]]
+        images, labels = read_idx(images_path, digests[0]), read_idx(labels_path, digests[1])
         if images.dim() != 3 or labels.dim() != 1 or len(images) != len(labels):
             raise DatasetCorrupt(f"{images_path} and {labels_path} do not match: images {tuple(images.shape)}, "
                                  f"labels {tuple(labels.shape)}. Replace them: {_FMNIST_FIX}")
@@ -146,6 +180,20 @@ def _load_fashion_mnist(data_root: Path | None, download: bool) -> tuple[ArrayDa
                                  f"Replace it: {_FMNIST_FIX}")
         splits.append(ArrayData(images[:, None].contiguous(), labels.long()))
     return splits[0], splits[1]
+
+
+def dataset_digest(name: str, data_root: str | Path | None = None) -> str:
+    """SHA-256 over a data set's files as they are (uncompressed IDX bytes, in a fixed order): what a run on a
+    modified copy puts into its hash. Fashion-MNIST only (the torchvision data sets check their own files)."""
+    if name != "fashion_mnist":
+        raise ValueError(f"RunConfig.modified_data: supported for fashion_mnist only (torchvision checks "
+                         f"{name}'s files itself), got dataset {name!r}")
+    paths = _fashion_mnist_paths(Path(data_root) if data_root else None, download=False)
+    total = hashlib.sha256()
+    for split in ("train", "test"):
+        for path in paths[split]:
+            total.update(hashlib.sha256(_idx_bytes(path)).digest())
+    return total.hexdigest()
 
 
 # ----------------------------------------------------------------------------- torchvision datasets
@@ -207,12 +255,15 @@ def _load_food101(root: Path, download: bool) -> tuple[ArrayData, ArrayData]:
     return splits[0], splits[1]
 
 
-def load_dataset(name: str, data_root: str | Path | None = None, download: bool = False) -> tuple[ArrayData, ArrayData]:
-    """(train, test) as uint8 image tensors (N, C, H, W) and int64 labels."""
+def load_dataset(name: str, data_root: str | Path | None = None, download: bool = False,
+                 verify: bool = True) -> tuple[ArrayData, ArrayData]:
+    """(train, test) as uint8 image tensors (N, C, H, W) and int64 labels. Fashion-MNIST's files are checked
+    against their published content (``FASHION_MNIST_SHA256``) unless ``verify`` is False; CIFAR's by
+    torchvision (the MD5 of each batch file, at every load); Food101's archive by torchvision at download."""
     spec(name)
     root = Path(data_root) if data_root else None
     if name == "fashion_mnist":
-        return _load_fashion_mnist(root, download)
+        return _load_fashion_mnist(root, download, verify)
     root = root or default_data_root()
     if name in ("cifar10", "cifar100"):
         return _load_cifar(name, root, download)

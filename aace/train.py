@@ -56,7 +56,7 @@ EVAL_BATCH = 250
 
 def prepare_data(config: RunConfig, device: torch.device):
     dspec = spec(config.dataset)
-    train, test = load_dataset(config.dataset, config.data_root, config.download)
+    train, test = load_dataset(config.dataset, config.data_root, config.download, verify=not config.modified_data)
     mean, std = mean_std(dspec, train)  # the full training set's statistics, as the authors' code
     for name, part, size in (("test_subset", "test", len(test)),
                              *((("train_subset", "training", len(train)),) if not config.val_subset else ())):

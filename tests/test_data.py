@@ -43,7 +43,7 @@ def fake_fashion_mnist(folder, n_train=40, n_test=20, compress=True):
 def test_fashion_mnist_reads_idx_files(tmp_path, compress, monkeypatch):
     monkeypatch.setattr(data, "DEBIAN_FASHION_MNIST", tmp_path / "nowhere")
     arrays = fake_fashion_mnist(tmp_path, compress=compress)
-    train, test = load_dataset("fashion_mnist", tmp_path)
+    train, test = load_dataset("fashion_mnist", tmp_path, verify=False)
     assert train.images.shape == (40, 1, 28, 28) and train.images.dtype == torch.uint8
     assert torch.equal(train.images[:, 0], torch.from_numpy(arrays["train"][0].astype(np.uint8)))
     assert torch.equal(test.labels, torch.from_numpy(arrays["t10k"][1]).long())
@@ -72,16 +72,57 @@ def test_truncated_and_wrong_format_files_named(tmp_path, monkeypatch):
     raw = gzip.decompress(target.read_bytes())
     target.write_bytes(gzip.compress(raw[:-100]))
     with pytest.raises(DatasetCorrupt, match="train-images-idx3-ubyte.gz.*truncated"):
-        load_dataset("fashion_mnist", tmp_path)
+        load_dataset("fashion_mnist", tmp_path, verify=False)
     target.write_bytes(gzip.compress(b"\x89PNG" + raw[4:]))
     with pytest.raises(DatasetCorrupt, match="magic"):
-        load_dataset("fashion_mnist", tmp_path)
+        load_dataset("fashion_mnist", tmp_path, verify=False)
     target.write_bytes(gzip.compress(raw)[:50])
     with pytest.raises(DatasetCorrupt, match="cannot read"):
+        load_dataset("fashion_mnist", tmp_path, verify=False)
+
+
+def test_a_fake_copy_is_refused_as_fashion_mnist_by_its_digest(tmp_path, monkeypatch):
+    monkeypatch.setattr(data, "DEBIAN_FASHION_MNIST", tmp_path / "nowhere")
+    fake_fashion_mnist(tmp_path)
+    with pytest.raises(data.DatasetModified, match="train-images-idx3-ubyte.gz is not Fashion-MNIST as published"):
         load_dataset("fashion_mnist", tmp_path)
 
 
-@pytest.mark.skipif(not data.DEBIAN_FASHION_MNIST.is_dir(), reason="dataset-fashion-mnist not installed")
+needs_debian = pytest.mark.skipif(not data.DEBIAN_FASHION_MNIST.is_dir(), reason="dataset-fashion-mnist not installed")
+
+
+@needs_debian
+def test_modified_labels_are_refused_or_trained_under_their_own_hash(tmp_path):
+    """The real files with every training label set to 0, in valid IDX format: refused by name (exit code 3
+    from the command line); with modified_data the run's hash carries the data's digest, so it can never be read
+    back as the genuine run."""
+    import shutil
+    import subprocess
+    import sys
+    from aace.config import profile_config
+    for f in data.DEBIAN_FASHION_MNIST.iterdir():
+        shutil.copy(f, tmp_path / f.name)
+    labels = tmp_path / "train-labels-idx1-ubyte.gz"
+    raw = gzip.decompress(labels.read_bytes())
+    labels.write_bytes(gzip.compress(raw[:8] + bytes(len(raw) - 8)))
+    with pytest.raises(data.DatasetModified, match="train-labels-idx1-ubyte.gz is not Fashion-MNIST"):
+        load_dataset("fashion_mnist", tmp_path)
+    assert int(load_dataset("fashion_mnist", tmp_path, verify=False)[0].labels.max()) == 0
+    out = subprocess.run([sys.executable, "-m", "aace", "train", "--profile", "smoke", "--epochs", "1",
+                          "--data-root", str(tmp_path), "--runs-dir", str(tmp_path / "runs")],
+                         capture_output=True, text=True, timeout=300)
+    assert out.returncode == 3 and "train-labels-idx1-ubyte.gz is not Fashion-MNIST" in out.stderr
+    assert "Traceback" not in out.stderr and not (tmp_path / "runs").exists() or not any((tmp_path / "runs").iterdir())
+    genuine = profile_config("smoke")
+    modified = profile_config("smoke", data_root=str(tmp_path), modified_data=True)
+    assert genuine.run_hash("cpu", 1) == profile_config("smoke", data_root=str(tmp_path)).run_hash("cpu", 1)
+    assert modified.run_hash("cpu", 1) != genuine.run_hash("cpu", 1)
+    assert modified.run_hash("cpu", 1) != profile_config("smoke", modified_data=True).run_hash("cpu", 1)
+    with pytest.raises(ValueError, match="RunConfig.modified_data"):
+        profile_config("smoke", dataset="cifar10", modified_data=True)
+
+
+@needs_debian
 def test_real_fashion_mnist_from_debian_package():
     train, test = load_dataset("fashion_mnist")
     assert train.images.shape == (60000, 1, 28, 28) and test.images.shape == (10000, 1, 28, 28)
