@@ -69,28 +69,60 @@ def _interrupts_reach_the_kernel():
             signal.signal(s, h)
 
 
+# Environment variables that change what a page reads: where the run store is, the runs frozen (read-only) there,
+# and where the torchvision data sets are.
+PAGE_ENVIRONMENT = ("AACE_RUNS", "AACE_FROZEN_RUNS", "AACE_DATA")
+
+
+def _package_and_export_files() -> list[Path]:
+    """Every file of the package (data files and subpackages included) and of every export a page may read."""
+    roots = [ROOT / "aace", *sorted(ROOT.glob("results/*")), *sorted(ROOT.glob("tests/fixtures/study-*"))]
+    return sorted(f for r in roots for f in r.rglob("*") if f.is_file() and "__pycache__" not in f.parts)
+
+
 def page_inputs(name: str, parameters: dict) -> str:
-    """A digest of what a page's executed output depends on: its notebook, its parameters, the package's code,
-    the committed exports (results/, the smoke fixture's), where its run store is (``AACE_RUNS``; not what the
-    store holds: a page that finished had every run it needed) and torch's version."""
+    """A digest of what a page's executed output depends on, apart from the stored runs it read (``_store_digests``
+    records those): its notebook, its parameters, every file of the package and of the committed exports, the
+    environment variables that change what it reads (``PAGE_ENVIRONMENT``) and torch's version."""
     import hashlib
     import json
 
     import torch
-    h = hashlib.sha256(json.dumps([name, parameters, os.environ.get("AACE_RUNS"), torch.__version__],
-                                  sort_keys=True, default=str).encode())
-    files = [NOTEBOOK_DIR / f"{name}.ipynb", *sorted((ROOT / "aace").glob("*.py")),
-             *sorted(ROOT.glob("results/*/study.json")), *sorted(ROOT.glob("tests/fixtures/study-*/study.json"))]
-    for file in files:
-        h.update(str(file.relative_to(ROOT)).encode())
-        h.update(file.read_bytes() if file.is_file() else b"")
+    h = hashlib.sha256(json.dumps([name, parameters, {k: os.environ.get(k) for k in PAGE_ENVIRONMENT},
+                                   torch.__version__], sort_keys=True, default=str).encode())
+    for file in [NOTEBOOK_DIR / f"{name}.ipynb", *_package_and_export_files()]:
+        h.update(str(file.relative_to(ROOT)).encode() + b"\0")
+        h.update(hashlib.sha256(file.read_bytes()).digest() if file.is_file() else b"")
     return h.hexdigest()
 
 
+STORED_RUN_FILES = ("summary.json", "metrics.csv", "config.json")
+
+
+def _store_digests(paths) -> dict:
+    """{run folder: SHA-256 of its result files} of the stored runs a page trained or read; None for a folder
+    that is gone."""
+    import hashlib
+    out = {}
+    for path in sorted(set(paths)):
+        h, folder = hashlib.sha256(), Path(path)
+        try:
+            for name in STORED_RUN_FILES:
+                h.update(name.encode() + b"\0" + ((folder / name).read_bytes() if (folder / name).is_file() else b""))
+            out[str(folder)] = h.hexdigest()
+        except OSError:
+            out[str(folder)] = None
+    return out
+
+
 def _kept(output_dir: Path, name: str, inputs: str) -> bool:
-    """Whether the page's last good execution had these inputs (then it is kept, not executed again)."""
+    """Whether the page's last good execution had these inputs and read the same stored runs (then it is kept,
+    not executed again)."""
     entry = _read_report(output_dir).get(name)
-    return isinstance(entry, dict) and entry.get("inputs") == inputs and (output_dir / f"{name}.ipynb").is_file()
+    if not (isinstance(entry, dict) and entry.get("inputs") == inputs and (output_dir / f"{name}.ipynb").is_file()):
+        return False
+    store = entry.get("store_runs")
+    return isinstance(store, dict) and _store_digests(store) == store
 
 
 def execute_notebooks(profile: str, names: list[str] | None = None, parameters: dict | None = None,
@@ -126,8 +158,8 @@ def execute_notebooks(profile: str, names: list[str] | None = None, parameters: 
         target, partial = output_dir / f"{name}.ipynb", output_dir / f".{name}.executing.ipynb"
         inputs = page_inputs(name, own)
         if name != "build_report" and not rerun and _kept(output_dir, name, inputs):
-            print(f"keeping {name}: its notebook, parameters, package, exports and run store location are those of its last "
-                  f"execution (--rerun executes it again)", flush=True)
+            print(f"keeping {name}: its notebook, parameters, package, exports and the stored runs it read are those of "
+                  f"its last execution (--rerun executes it again)", flush=True)
             _mark_kept(output_dir, name)
             executed.append(target)
             continue
@@ -187,7 +219,8 @@ def record_page(output_dir: Path, name: str, parameters: dict, seconds: float, l
     except OSError:
         pass
     trained = kinds.get("trained", set())
-    report[name] = {"seconds": seconds, "parameters": parameters, "runs_trained": len(trained),
+    stored = trained | kinds.get("store", set())
+    report[name] = {"store_runs": _store_digests(stored), "seconds": seconds, "parameters": parameters, "runs_trained": len(trained),
                     "runs_read_from_store": len(kinds.get("store", set()) - trained),
                     "runs_read_from_exports": len(kinds.get("export", set())),
                     "executed": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "machine": machine(),

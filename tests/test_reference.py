@@ -117,20 +117,48 @@ def test_a_rebuild_keeps_a_page_whose_inputs_are_unchanged_and_executes_one_whos
 
 
 def test_a_page_s_inputs_cover_its_notebook_the_package_and_the_exports(tmp_path, monkeypatch):
+    # Each input that once let a stale page through (issue 31, item 4): a file of an export other than study.json,
+    # package data, a subpackage, the environment variables that say what a page reads.
     from aace import book
-    for folder in ("notebooks", "aace", "results/study-a"):
-        (tmp_path / folder).mkdir(parents=True)
-    files = [tmp_path / "notebooks/p.ipynb", tmp_path / "aace/x.py", tmp_path / "results/study-a/study.json"]
+    files = [tmp_path / f for f in ("notebooks/p.ipynb", "aace/x.py", "results/study-a/study.json",
+                                    "results/study-a/runs/sam-1/metrics.csv", "aace/reference/published_results.csv",
+                                    "aace/models/wide.py", "tests/fixtures/study-smoke/runs/sgd-2/summary.json")]
     for f in files:
+        f.parent.mkdir(parents=True, exist_ok=True)
         f.write_text("{}")
     monkeypatch.setattr(book, "ROOT", tmp_path)
     monkeypatch.setattr(book, "NOTEBOOK_DIR", tmp_path / "notebooks")
+    for name in book.PAGE_ENVIRONMENT:
+        monkeypatch.delenv(name, raising=False)
     digests = {book.page_inputs("p", {"profile": "smoke"})}
     for f in files:
         f.write_text('{"changed": 1}')
         digests.add(book.page_inputs("p", {"profile": "smoke"}))
+    for name in ("AACE_RUNS", "AACE_FROZEN_RUNS", "AACE_DATA"):
+        monkeypatch.setenv(name, "/elsewhere")
+        digests.add(book.page_inputs("p", {"profile": "smoke"}))
     digests.add(book.page_inputs("p", {"profile": "cpu"}))
-    assert len(digests) == 5
+    assert len(digests) == 1 + len(files) + 3 + 1
+
+
+def test_a_page_is_executed_again_when_a_stored_run_it_read_changed(tmp_path):
+    import json as json_
+    from aace import book
+    run_ = tmp_path / "runs" / "sam-1"
+    run_.mkdir(parents=True)
+    (run_ / "summary.json").write_text('{"test_acc": 0.8}')
+    (run_ / "metrics.csv").write_text("epoch,test_acc\n1,0.8\n")
+    out = tmp_path / "book"
+    out.mkdir()
+    (out / "p.ipynb").write_text("{}")
+    (out / book.REPORT).write_text(json_.dumps({"p": {"inputs": "x", "store_runs": book._store_digests([run_])}}))
+    assert book._kept(out, "p", "x") and not book._kept(out, "p", "y")
+    (run_ / "metrics.csv").write_text("epoch,test_acc\n1,0.9\n")
+    assert not book._kept(out, "p", "x")
+    (out / book.REPORT).write_text(json_.dumps({"p": {"inputs": "x", "store_runs": book._store_digests([run_])}}))
+    assert book._kept(out, "p", "x")
+    (run_ / "summary.json").unlink()
+    assert not book._kept(out, "p", "x")
 
 
 @pytest.mark.parametrize("folder", sorted(p.parent.name for p in (reference.ROOT / "results").glob("*/study.json")))
