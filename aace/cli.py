@@ -173,6 +173,7 @@ def _study(args, argv) -> int:
         return 0
     if args.workers < 1:
         raise ValueError(f"--workers: expected an integer >= 1, got {args.workers}")
+    from . import reference
     from .results import _check_target, export, runs_in_export
     finders, earlier = [], []
     if args.export:  # before any training: a study of hours must not end on an unusable --export
@@ -180,7 +181,7 @@ def _study(args, argv) -> int:
     for directory in [*([args.export] if args.export else []), *args.resume_from]:
         if not directory or not Path(directory).is_dir() and directory in args.resume_from:
             raise ValueError(f"--resume-from {directory!r}: expected the folder of an export")
-        finder, history = runs_in_export(directory)
+        finder, history = runs_in_export(directory, reference.pinned_digest(directory), args.runs_dir)
         if finder is None and directory in args.resume_from:
             raise ValueError(f"--resume-from {directory}: holds no export (no study.json)")
         if finder is not None:

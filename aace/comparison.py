@@ -109,7 +109,7 @@ def main_comparison(profile: str, seeds=None, overrides=None, runs_dir=None, wor
         if seeds is not None:
             plan = dataclasses.replace(plan, final_seeds=tuple(ex.resolve_seeds(profile, seeds)))
         directory = reference.ROOT / bed.export
-        found, _ = runs_in_export(directory)
+        found, _ = runs_in_export(directory, bed.digest)
         if found is not None:  # the settings the export ran with (its thread count), so that its runs are found
             overrides = {**json.loads((directory / "study.json").read_text()).get("overrides", {}), **overrides}
         terminal = _terminal()
@@ -134,7 +134,8 @@ def reference_runs(profile: str):
     from .results import runs_in_export
     if profile not in reference.REFERENCES:
         return None
-    found, _ = runs_in_export(reference.ROOT / reference.testbeds(profile)["clean"].export)
+    bed = reference.testbeds(profile)["clean"]
+    found, _ = runs_in_export(reference.ROOT / bed.export, bed.digest)
     return found
 
 

@@ -29,17 +29,66 @@ class Testbed:
     title: str
     # The MDE that SAM+AACE - SAM must reach, declared with the study (issue 23, item 7); None: no target.
     mde_target: float | None = None
+    # The export's record digest (study.json's "digest", which covers the SHA-256 of every file), pinned here so
+    # that changing an export's content means changing the package (issue 31, item 1); None: not pinned.
+    digest: str | None = None
 
 
 # Per book profile, its testbeds: the cpu profile's are the reference studies; the smoke profile's, their
 # seconds-long copies, committed as the nbval fixture (make nbval-fixture).
 REFERENCES = {
     "cpu": {"clean": Testbed("clean", "cpu-reference", "results/cpu-fashion-mnist", "clean labels", 0.5),
-            "noise": Testbed("noise", "cpu-noise-power", "results/cpu-fashion-mnist-noise-50", "40 % label noise", 1.0)},
-    "smoke": {"clean": Testbed("clean", "smoke", "tests/fixtures/study-smoke", "clean labels"),
-              "noise": Testbed("noise", "smoke-noise", "tests/fixtures/study-smoke-noise", "40 % label noise")},
+            "noise": Testbed("noise", "cpu-noise-power", "results/cpu-fashion-mnist-noise-50", "40 % label noise", 1.0,
+                             "725dbc9b8fe5875ea6bd00ef8522786cf604ab6c0dad8595b3e894bb5315c403")},
+    "smoke": {"clean": Testbed("clean", "smoke", "tests/fixtures/study-smoke", "clean labels", None,
+                               "7733a6614d98772b5e34d53f4616967304bcc974deb90cc137ebeb712c661744"),
+              "noise": Testbed("noise", "smoke-noise", "tests/fixtures/study-smoke-noise", "40 % label noise", None,
+                               "af6de6b88bc9bf4cac59c2e71ae439cc43f9286aadc449d248d7c92bf7256542")},
 }
 TESTBEDS = REFERENCES["cpu"]
+
+
+def pinned_digest(directory) -> str | None:
+    """The record digest the package pins for the export in ``directory``, or None when none is pinned there."""
+    target = Path(directory).resolve()
+    for beds in REFERENCES.values():
+        for bed in beds.values():
+            if (ROOT / bed.export).resolve() == target:
+                return bed.digest
+    return None
+
+
+def pin_problems(directory: Path, pinned: str | None) -> list[str]:
+    """One line when the export's record digest is not the pinned one (nothing when nothing is pinned)."""
+    import json
+    if pinned is None:
+        return []
+    try:
+        digest = json.loads((directory / "study.json").read_text()).get("digest")
+    except (OSError, ValueError, AttributeError):
+        digest = None
+    if digest == pinned:
+        return []
+    return [f"{directory.relative_to(ROOT) / 'study.json'}: its record digest {str(digest)[:16]}... is not the "
+            f"{pinned[:16]}... that aace.reference pins for this study; restore the export from git (`git checkout "
+            f"-- {directory.relative_to(ROOT)}`), or, for a new study, pin its digest in aace/reference.py"]
+
+
+def git_differences(directory: Path) -> list[str]:
+    """Inside a git checkout: one line naming the export's files that differ from what git has committed
+    (changed, added or deleted); nothing outside a checkout or where git cannot tell."""
+    import subprocess
+    try:
+        out = subprocess.run(["git", "status", "--porcelain", "--untracked-files=all", "--", str(directory)],
+                             cwd=ROOT, capture_output=True, text=True, timeout=60)
+    except (OSError, subprocess.SubprocessError):
+        return []
+    if out.returncode != 0 or not out.stdout.strip():
+        return []
+    changed = [line[3:] for line in out.stdout.splitlines()]
+    return [f"{directory.relative_to(ROOT)} differs from what git has committed: {', '.join(changed[:4])}"
+            f"{f' and {len(changed) - 4} more' if len(changed) > 4 else ''}; restore it with `git checkout -- "
+            f"{directory.relative_to(ROOT)}` (and remove what git does not know)"]
 
 
 def testbeds(profile: str) -> dict:
@@ -62,6 +111,9 @@ def read(testbed: str, profile: str = "cpu"):
     if not (directory / "study.json").is_file():
         return None, [], [f"`{beds[testbed].export}` holds no export yet; `python -m aace study --profile "
                           f"{beds[testbed].plan} --workers 2 --export {beds[testbed].export}` makes it"]
+    problems = pin_problems(directory, beds[testbed].digest) + git_differences(directory)
+    if problems:
+        return None, [], problems
     study, runs, problems = read_export(directory, __version__)
     if study is not None and not study["complete"]:
         return None, [], [f"the reference study is not complete yet: {len(runs)} runs exported; `{study['command']}` "

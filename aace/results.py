@@ -207,6 +207,7 @@ def check_export(directory, version: str | None = None, choices: bool = True) ->
             problems.append(f"{relative}: its content differs from the export's (SHA-256 mismatch)")
     listed = {f"runs/{n}/{f}" for n in names for f in EXPORTED_FILES if f != "steps.csv.gz"}
     problems += [f"{relative}: not recorded in study.json" for relative in sorted(listed - set(files))]
+    problems += unknown_content(directory, files, names)
     if problems:
         return problems
     runs = []
@@ -243,25 +244,56 @@ def check_export(directory, version: str | None = None, choices: bool = True) ->
     return problems
 
 
-def runs_in_export(directory):
+def unknown_content(directory: Path, files: dict, names: list) -> list[str]:
+    """Everything under an export that its study.json does not record: a finding, never ignored."""
+    known_dirs = {"runs", *(f"runs/{n}" for n in names)}
+    out = []
+    for path in sorted(directory.rglob("*")):
+        relative = str(path.relative_to(directory))
+        if path.is_symlink() or not (path.is_dir() or path.is_file()):
+            out.append(f"{relative}: not a plain file or folder (no export writes one)")
+        elif path.is_dir() and relative not in known_dirs:
+            out.append(f"{relative}/: a folder the export does not record")
+        elif path.is_file() and relative != "study.json" and relative not in files:
+            out.append(f"{relative}: a file the export does not record")
+    return out
+
+
+def runs_in_export(directory, pinned: str | None = None, runs_dir=None):
     """For a study that resumes from an export: a function config -> that config's run read in place from the
-    export (or None), and the export's invocation history. Refuses a damaged export (``check_export``)."""
-    from .store import CorruptRun, run_dir
+    export (or None), and the export's invocation history. Refuses a damaged export (``check_export``), one whose
+    record digest is not ``pinned`` (the pin of the reference study exported there, ``aace.reference``), and, run
+    by run, one whose copy disagrees with the store's copy of the same run: an export never overrides a stored
+    run, nor is a forged one laundered into a fresh export."""
+    from .store import CorruptRun, default_runs_dir, run_dir
     from .train import resolve_device
     directory = Path(directory)
     if not (directory / "study.json").is_file():
         return None, []
     problems = check_export(directory, choices=False)
+    if not problems and pinned and _read_study(directory).get("digest") != pinned:
+        problems = [f"its record digest is not the one the package pins ({pinned[:16]}...)"]
     if problems:
         raise CorruptRun(f"the export {directory} cannot be resumed from: {'; '.join(problems[:3])}"
                          f"{' ...' if len(problems) > 3 else ''}. Move it away (or restore it from git) and run again")
     study = _read_study(directory)
     names = set(study["runs"])
+    store = Path(runs_dir or default_runs_dir())
 
     def found(config):
-        name = run_dir(config, resolve_device(config.device)).name
-        return _load_exported(directory / "runs" / name) if name in names else None
+        device = resolve_device(config.device)
+        name = run_dir(config, device).name
+        if name not in names:
+            return None
+        exported, stored = directory / "runs" / name, run_dir(config, device, store)
+        if (stored / "summary.json").is_file():
+            for file in ("summary.json", "metrics.csv"):
+                if not (stored / file).is_file() or (stored / file).read_bytes() != (exported / file).read_bytes():
+                    raise CorruptRun(f"{exported / file} and the stored run's {stored / file} disagree: one of them "
+                                     f"was changed. Keep the one you trust, move the other away, and run again")
+        return _load_exported(exported)
     return found, study["invocations"]
+
 
 
 # ----------------------------------------------------------------------------- what the book shows
