@@ -19,6 +19,11 @@ import torch
 from torch import nn
 
 
+def _check_rho(rho) -> None:
+    if isinstance(rho, bool) or not isinstance(rho, (int, float)) or not (0.0 <= rho < math.inf):
+        raise ValueError(f"rho must be a finite number >= 0, got {rho!r}")
+
+
 def _global_norm(tensors: list[torch.Tensor]) -> torch.Tensor:
     if not tensors:
         return torch.zeros(())
@@ -50,11 +55,8 @@ class SAM(torch.optim.Optimizer):
                  track_cosine: bool = False, **base_kwargs):
         if not (isinstance(base_optimizer, type) and issubclass(base_optimizer, torch.optim.Optimizer)):
             raise ValueError(f"base_optimizer must be a torch.optim.Optimizer class, got {base_optimizer!r}")
+        _check_rho(rho)
         super().__init__(params, dict(rho=rho, **base_kwargs))
-        for group in self.param_groups:
-            rho = group["rho"]
-            if isinstance(rho, bool) or not isinstance(rho, (int, float)) or not (0.0 <= rho < math.inf):
-                raise ValueError(f"rho must be a finite number >= 0, got {rho!r}")
         if isinstance(eps, bool) or not isinstance(eps, (int, float)) or not (0.0 <= eps < math.inf):
             raise ValueError(f"eps must be a finite number >= 0, got {eps!r}")
         self.normalize, self.ascent, self.adaptive, self.eps = normalize, ascent, adaptive, eps
@@ -64,6 +66,14 @@ class SAM(torch.optim.Optimizer):
         self.perturbation_cosine: torch.Tensor | None = None
         self._previous_perturbation: tuple[list[torch.Tensor], torch.Tensor] | None = None
         self._perturbed: list[torch.Tensor] | None = None  # the parameters first_step moved
+
+    def add_param_group(self, param_group: dict) -> None:
+        """As torch's, with the group's rho checked like the constructor's (every way into a group is validated)."""
+        if "rho" in param_group:
+            _check_rho(param_group["rho"])
+        super().add_param_group(param_group)
+        if hasattr(self, "base_optimizer") and self.base_optimizer.param_groups is not self.param_groups:
+            self.base_optimizer.add_param_group(self.param_groups[-1])
 
     def _params_with_grad(self) -> list[tuple[dict, list[torch.Tensor]]]:
         return [(g, [p for p in g["params"] if p.grad is not None]) for g in self.param_groups]
@@ -148,8 +158,12 @@ class SAM(torch.optim.Optimizer):
         loss = None
         if closure is not None:
             self.first_step(zero_grad=True)
-            with torch.enable_grad():
-                loss = closure()
+            try:
+                with torch.enable_grad():
+                    loss = closure()
+            except BaseException:
+                self.restore()  # back to w: a closure that raised leaves no perturbed weights behind
+                raise
         elif self._perturbed is None:
             raise RuntimeError("SAM.step() (or second_step) was called without first_step(): without a closure it "
                                "finishes a step that first_step() and the second backward began; or pass a "

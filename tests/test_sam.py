@@ -212,3 +212,31 @@ def test_frozen_bn_stats_leaves_running_statistics_exactly():
     model(x)  # outside: statistics move again
     assert not torch.equal(model.state_dict()["1.running_mean"], buffers["1.running_mean"])
     assert out_frozen.shape == (5, 2)
+
+
+def test_a_closure_that_raises_leaves_the_weights_at_w_and_the_next_step_works():
+    torch.manual_seed(0)
+    model = torch.nn.Linear(4, 3)
+    opt = SAM(model.parameters(), torch.optim.SGD, rho=0.5, lr=0.1)
+    x, y = torch.randn(8, 4), torch.randint(0, 3, (8,))
+    before = [p.detach().clone() for p in model.parameters()]
+    torch.nn.functional.cross_entropy(model(x), y).backward()
+
+    def closure():
+        raise RuntimeError("out of memory in the second pass")
+    with pytest.raises(RuntimeError, match="second pass"):
+        opt.step(closure)
+    assert all(torch.equal(a, b) for a, b in zip(before, model.parameters()))
+    opt.zero_grad()
+    torch.nn.functional.cross_entropy(model(x), y).backward()
+    opt.step(lambda: torch.nn.functional.cross_entropy(model(x), y).backward())  # no "first_step called twice"
+
+
+@pytest.mark.parametrize("rho", [float("inf"), float("nan"), -0.1, True, "0.1"])
+def test_every_way_into_a_param_group_checks_rho(rho):
+    opt = SAM(torch.nn.Linear(2, 2).parameters(), torch.optim.SGD, lr=0.1)
+    with pytest.raises(ValueError, match="rho must be a finite number >= 0"):
+        opt.add_param_group({"params": torch.nn.Linear(2, 2).parameters(), "rho": rho})
+    with pytest.raises(ValueError, match="rho must be a finite number >= 0"):
+        SAM([{"params": torch.nn.Linear(2, 2).parameters(), "rho": rho}], torch.optim.SGD, lr=0.1)
+    assert len(opt.param_groups) == 1 == len(opt.base_optimizer.param_groups)
