@@ -44,6 +44,11 @@ def _check_inputs(logits: torch.Tensor, target: torch.Tensor, reduction: str, ch
         raise ValueError(f"target holds label {bad}, outside [0, {logits.shape[1] - 1}]")
 
 
+def _check_threshold(threshold) -> None:
+    if isinstance(threshold, bool) or not isinstance(threshold, (int, float)) or not 0.0 <= threshold <= 1.0:
+        raise ValueError(f"threshold must be a number in [0, 1], got {threshold!r}")
+
+
 def _reduce(per_sample: torch.Tensor, reduction: str) -> torch.Tensor:
     if reduction == "mean":
         return per_sample.mean()
@@ -65,8 +70,8 @@ def aace_target(logits: torch.Tensor, target: torch.Tensor, mode: str = "ada", t
         raise ValueError(f"mode must be one of {AACE_MODES}, got {mode!r}")
     if target_norm not in AACE_TARGETS:
         raise ValueError(f"target_norm must be one of {AACE_TARGETS}, got {target_norm!r}")
-    if not 0.0 <= threshold <= 1.0:
-        raise ValueError(f"threshold must lie in [0, 1], got {threshold!r}")
+    _check_threshold(threshold)
+    _check_inputs(logits, target, "none")
     z = _upcast(logits.detach())
     true = F.one_hot(target.long(), z.shape[1]).bool()
     if mode == "ada":
@@ -99,6 +104,7 @@ def aace_loss(logits: torch.Tensor, target: torch.Tensor, mode: str = "ada", thr
     then as softplus(z_y - logsumexp(z without y)), which stays finite for any logit margin.
     """
     _check_inputs(logits, target, reduction, check_labels)
+    _check_threshold(threshold)
     z = _upcast(logits)
     if mode == "ada" and threshold == 0.0:
         if target_norm not in AACE_TARGETS:

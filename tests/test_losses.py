@@ -283,3 +283,16 @@ def test_every_registered_loss_is_finite_for_huge_margins(name, options, margin)
     loss = LOSSES[name](z, torch.full((4,), 3), reduction="mean", check_labels=True, **options)
     loss.backward()
     assert torch.isfinite(loss) and torch.isfinite(z.grad).all()
+
+
+@pytest.mark.parametrize("call,words", [
+    (lambda: aace_loss(torch.zeros(2, 3), torch.tensor([0, 1]), threshold="0.3"), "threshold must be a number in [0, 1]"),
+    (lambda: aace_loss(torch.zeros(2, 3), torch.tensor([0, 1]), threshold=float("nan")), "threshold must be a number"),
+    (lambda: aace_target(torch.zeros(2, 3), torch.tensor([0, 1]), threshold=True), "threshold must be a number"),
+    (lambda: aace_target([[1.0, 2.0]], [0]), "logits must be a torch.Tensor"),
+    (lambda: aace_target(torch.zeros(1, 2), [0]), "target must be a torch.Tensor"),
+])
+def test_bad_arguments_are_refused_by_name_not_by_a_raw_type_error(call, words):
+    with pytest.raises(ValueError) as err:
+        call()
+    assert words in str(err.value)
