@@ -106,3 +106,18 @@ def test_an_export_that_differs_from_git_is_named(tmp_path, monkeypatch):
     problems = reference.read("clean", "smoke")[2]
     assert len(problems) == 1 and "differs from what git has committed" in problems[0]
     assert "tests/fixtures/study-smoke/notes.txt" in problems[0]
+
+
+@pytest.mark.parametrize("value,words", [("abc", "is not an accuracy in [0, 1]"), (float("nan"), "not an accuracy"),
+                                         (1e308, "not an accuracy"), (0.9, "is not the last epoch's")])
+def test_a_finished_run_s_summary_must_be_what_its_metrics_say(tmp_path, value, words):
+    from aace.store import load_run
+    run_ = tmp_path / "run"
+    shutil.copytree(next((FIXTURE / "runs").glob("sam-*")), run_)
+    summary = json.loads((run_ / "summary.json").read_text())
+    assert load_run(run_, with_steps=False).summary["test_acc"] == summary["test_acc"]
+    summary["test_acc"] = value
+    (run_ / "summary.json").write_text(json.dumps(summary))
+    with pytest.raises(CorruptRun) as err:
+        load_run(run_, with_steps=False)
+    assert f"{run_ / 'summary.json'}: test_acc" in str(err.value) and words in str(err.value)
