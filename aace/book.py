@@ -115,6 +115,20 @@ def _store_digests(paths) -> dict:
     return out
 
 
+def _writable_folder(folder: Path, option: str) -> Path:
+    """``folder``, created if need be, or a ValueError naming it and why it cannot take the pages."""
+    if folder.exists() and not folder.is_dir():
+        raise ValueError(f"{option} {folder}: is a file, not a folder; give a folder for the executed pages")
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        raise ValueError(f"{option} {folder}: cannot be created ({err.strerror or err}); give a folder you can "
+                         f"write") from None
+    if not os.access(folder, os.W_OK | os.X_OK):
+        raise ValueError(f"{option} {folder}: is not writable; give a folder you can write")
+    return folder
+
+
 def _kept(output_dir: Path, name: str, inputs: str) -> bool:
     """Whether the page's last good execution had these inputs and read the same stored runs (then it is kept,
     not executed again)."""
@@ -141,6 +155,9 @@ def execute_notebooks(profile: str, names: list[str] | None = None, parameters: 
     if unknown:
         raise ValueError(f"--notebook: {unknown} unknown; the book's notebooks are {NOTEBOOKS}")
     parameters = dict(parameters or {})
+    if "profile" in parameters:
+        raise ValueError(f"-p profile: the profile is --profile's (got -p profile {parameters['profile']!r}); use "
+                         f"--profile {parameters['profile']}")
     declared = {n: papermill.inspect_notebook(str(NOTEBOOK_DIR / f"{n}.ipynb")) for n in names}
     for key in parameters:
         if not any(key in d for d in declared.values()):
@@ -148,8 +165,7 @@ def execute_notebooks(profile: str, names: list[str] | None = None, parameters: 
                              f"{sorted({p for d in declared.values() for p in d})}")
     if runs_dir:
         os.environ["AACE_RUNS"] = str(Path(runs_dir).resolve())
-    output_dir = Path(output_dir)
-    output_dir.mkdir(parents=True, exist_ok=True)
+    output_dir = _writable_folder(Path(output_dir), "--output-dir")
     executed = []
     for name in names:
         own = {"profile": profile, **{k: v for k, v in parameters.items() if k in declared[name]}}

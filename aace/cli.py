@@ -161,6 +161,11 @@ def _study(args, argv) -> int:
     study.check_overrides(overrides)
     study.check_stop_after(args.stop_after)
     plan = study.plan_for(args.profile)
+    if args.export is not None and not args.export.strip():
+        raise ValueError(f"--export: expected the path of a folder, got {args.export!r}")
+    if args.print_commands and (args.export or args.resume_from):
+        raise ValueError(f"--{'export' if args.export else 'resume-from'}: has no effect with --print-commands, which "
+                         f"prints the runs' commands and trains nothing; leave one of them out")
     if args.print_commands:
         configs = study.tuning_configs(plan, **overrides) + study.final_configs(plan, None, **overrides)
         for config in configs:

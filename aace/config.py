@@ -12,6 +12,7 @@ from .losses import AACE_MODES, AACE_TARGETS, LOSSES, SMOOTHING_FORMS
 from .models import VARIANTS, parse_model_name
 
 METHODS = ("sgd", "sam", "aace")
+MAX_THREADS = 1024  # beyond any machine's cores; torch's pool would fail to allocate a larger one
 SCHEDULES = ("step", "cosine")
 DEVICES = ("auto", "cpu", "cuda")
 PRECISIONS = ("fp32", "bf16", "fp16")
@@ -118,6 +119,8 @@ class RunConfig:
             v = getattr(self, name)
             if v is not None and not (is_int(v) and v >= 1):
                 fail(name, "None or an integer >= 1")
+        if self.threads is not None and self.threads > MAX_THREADS:
+            fail("threads", f"None or an integer in [1, {MAX_THREADS}] (CPU threads of one run)")
         classes = DATASETS[self.dataset].num_classes
         for name in ("train_subset", "test_subset", "val_subset"):
             v = getattr(self, name)

@@ -61,22 +61,30 @@ def _copy(source: Path, name: str, target: Path) -> None:
 
 def _check_target(directory: Path, record: dict) -> None:
     """An export goes into a new or empty folder, or replaces an earlier export of the same study: never over
-    files it did not write."""
-    if directory.exists() and not directory.is_dir():
-        raise ValueError(f"--export {directory}: is a file, not a folder; give a new or empty folder")
+    anything it did not write (a file, a folder, a link). Its parent must be writable, checked before a study of
+    hours trains."""
+    from .store import CorruptRun
+    if directory.is_symlink() or (directory.exists() and not directory.is_dir()):
+        raise ValueError(f"--export {directory}: is a file or a link, not a folder; give a new or empty folder")
+    parent = next(p for p in [directory.parent, *directory.parent.parents] if p.exists())
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise ValueError(f"--export {directory}: {parent} is not writable, so the export cannot be written there "
+                         f"(checked before training); give a folder you can write")
     if not directory.exists() or not any(directory.iterdir()):
         return
+    if not (directory / "study.json").is_file():
+        raise ValueError(f"--export {directory}: the folder is not empty and holds no export of a study; give a "
+                         f"new or empty folder (nothing was written)")
     try:
         study = _read_study(directory)
-        ours = set(study["files"]) | {"study.json"}
-    except (OSError, ValueError, KeyError, TypeError):
-        raise ValueError(f"--export {directory}: the folder is not empty and holds no export of a study; give a "
-                         f"new or empty folder (nothing was written)") from None
-    present = {str(p.relative_to(directory)) for p in directory.rglob("*") if not p.is_dir()}
-    foreign = sorted(present - ours)
+        files, names = dict(study["files"]), list(study["runs"])
+    except (OSError, ValueError, KeyError, TypeError, AttributeError) as err:
+        raise CorruptRun(f"--export {directory}: its study.json is damaged ({type(err).__name__}: {err}); restore it "
+                         f"from git or move the folder away (nothing was written)") from None
+    foreign = unknown_content(directory, files, names)
     if foreign:
-        raise ValueError(f"--export {directory}: holds files that no export wrote ({', '.join(foreign[:3])}"
-                         f"{', ...' if len(foreign) > 3 else ''}); give a new or empty folder (nothing was written)")
+        raise ValueError(f"--export {directory}: holds what no export wrote ({'; '.join(foreign[:3])}"
+                         f"{'; ...' if len(foreign) > 3 else ''}); give a new or empty folder (nothing was written)")
     # The same study is the same profile: its plan may have grown since (a grid extended, issue 23 item 3).
     if study.get("profile") != record["profile"]:
         raise ValueError(f"--export {directory}: holds the export of another study (profile "
@@ -135,10 +143,11 @@ def export(record: dict, directory, command: str) -> Path:
             os.rename(old, directory)
         if isinstance(err, OSError) and err.errno == errno.ENOSPC:
             free = shutil.disk_usage(directory.parent).free
-            raise StoreWriteError(errno.ENOSPC, f"disk full writing the export {directory} (about {needed:,} bytes "
-                                  f"needed, {free:,} free); nothing was changed there and the study's runs are safe "
-                                  f"in its store. Free some space or choose another --export, then run the same "
-                                  f"command again") from None
+            raise StoreWriteError(errno.ENOSPC, f"disk full writing the export {directory}: it needs about "
+                                  f"{needed:,} bytes beside the earlier export, and the disk ran out ({free:,} bytes "
+                                  f"free once the partial copy was removed); nothing was changed there and the "
+                                  f"study's runs are safe in its store. Free some space or choose another --export, "
+                                  f"then run the same command again") from None
         raise
     return directory
 

@@ -112,7 +112,7 @@ def test_a_rebuild_keeps_a_page_whose_inputs_are_unchanged_and_executes_one_whos
     again = json.loads((tmp_path / REPORT).read_text())["aace_loss"]
     assert page.stat().st_mtime_ns != mtime and again["kept"] is None and again["inputs"] == first["inputs"]
     mtime = page.stat().st_mtime_ns
-    execute_notebooks("smoke", ["aace_loss"], {"profile": "smoke"}, output_dir=tmp_path, runs_dir=tmp_path / "other")
+    execute_notebooks("smoke", ["aace_loss"], {}, output_dir=tmp_path, runs_dir=tmp_path / "other")
     assert page.stat().st_mtime_ns != mtime  # another run store: executed again
 
 

@@ -96,6 +96,36 @@ def test_export_replaces_an_earlier_export_of_the_same_study_but_not_one_with_a_
     assert cli_main(study_argv(runs_dir, "--export", str(copy))) == 2
     one_line_error(capsys, "mine.txt")
     assert (copy / "runs" / "mine.txt").exists()
+    # an empty folder and a link it did not write: refused, kept (issue 31, item 6)
+    (copy / "runs" / "mine.txt").unlink()
+    (copy / "runs" / "my-notes").mkdir()
+    assert cli_main(study_argv(runs_dir, "--export", str(copy))) == 2
+    one_line_error(capsys, "runs/my-notes/")
+    assert (copy / "runs" / "my-notes").is_dir()
+    (copy / "runs" / "my-notes").rmdir()
+    (copy / "paper.pdf").symlink_to(tmp_path)
+    assert cli_main(study_argv(runs_dir, "--export", str(copy))) == 2
+    one_line_error(capsys, "paper.pdf: not a plain file")
+    assert (copy / "paper.pdf").is_symlink()
+    (copy / "paper.pdf").unlink()
+    (copy / "study.json").write_text('{"profile": "smo')  # a damaged export: the run store's exit code
+    assert cli_main(study_argv(runs_dir, "--export", str(copy))) == 4
+    one_line_error(capsys, "study.json is damaged", str(copy))
+
+
+def test_export_targets_that_cannot_work_are_refused_before_training(tmp_path, capsys, monkeypatch):
+    runs = tmp_path / "runs"
+    assert cli_main(study_argv(runs, "--export", "")) == 2
+    one_line_error(capsys, "--export: expected the path of a folder")
+    assert cli_main(study_argv(runs, "--print-commands", "--export", str(tmp_path / "E"))) == 2
+    one_line_error(capsys, "--export: has no effect with --print-commands")
+    locked = tmp_path / "locked"  # a read-only place (root passes permission bits, so the check is what is faked)
+    locked.mkdir()
+    real_access = os.access
+    monkeypatch.setattr(os, "access", lambda path, mode: False if Path(path) == locked else real_access(path, mode))
+    assert cli_main(study_argv(runs, "--export", str(locked / "E"))) == 2
+    one_line_error(capsys, f"--export {locked / 'E'}", "not writable", "before training")
+    assert not runs.exists() or not any(p.name.startswith(("sam-", "sgd-", "aace-")) for p in runs.iterdir())
 
 
 def test_export_onto_a_full_disk_names_the_folder_and_the_space_and_keeps_the_earlier_export(finished, tmp_path,
@@ -113,7 +143,7 @@ def test_export_onto_a_full_disk_names_the_folder_and_the_space_and_keeps_the_ea
         return real_copy(src, dst, *args, **kwargs)
     monkeypatch.setattr(shutil, "copyfile", full)
     assert cli_main(study_argv(runs_dir, "--export", str(copy))) == 5
-    one_line_error(capsys, "disk full writing the export", str(copy), "bytes needed", "free")
+    one_line_error(capsys, "disk full writing the export", str(copy), "bytes beside the earlier export", "free once")
     assert {p: p.read_bytes() for p in copy.rglob("*") if p.is_file()} == before
     assert not leftovers(tmp_path)
 

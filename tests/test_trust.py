@@ -1,6 +1,7 @@
 """The trust chain (issue 31): a forged export is refused by its pin and never laundered on resume, extra content
 is a finding, and a stored run is never overridden by an export that disagrees with it."""
 import hashlib
+import os
 import json
 import shutil
 
@@ -121,3 +122,29 @@ def test_a_finished_run_s_summary_must_be_what_its_metrics_say(tmp_path, value, 
     with pytest.raises(CorruptRun) as err:
         load_run(run_, with_steps=False)
     assert f"{run_ / 'summary.json'}: test_acc" in str(err.value) and words in str(err.value)
+
+
+def one_line(capsys, *words):
+    err = [line for line in capsys.readouterr().err.strip().splitlines() if line]
+    assert len(err) == 1 and err[0].startswith("error: "), err
+    for w in words:
+        assert w in err[0], err[0]
+
+
+def test_book_and_train_options_that_cannot_work_end_in_one_line_naming_them(tmp_path, capsys, monkeypatch):
+    from aace.cli import main
+    page = ["book", "--profile", "smoke", "--notebook", "aace_loss", "--no-build"]
+    (tmp_path / "afile").write_text("x")
+    assert main([*page, "--output-dir", str(tmp_path / "afile")]) == 2
+    one_line(capsys, f"--output-dir {tmp_path / 'afile'}", "is a file")
+    assert main([*page, "--output-dir", str(tmp_path / "afile" / "sub")]) == 2
+    one_line(capsys, f"--output-dir {tmp_path / 'afile' / 'sub'}", "cannot be created")
+    real_access = os.access
+    monkeypatch.setattr(os, "access", lambda p, m: False if str(p) == str(tmp_path / "ro") else real_access(p, m))
+    (tmp_path / "ro").mkdir()
+    assert main([*page, "--output-dir", str(tmp_path / "ro")]) == 2
+    one_line(capsys, f"--output-dir {tmp_path / 'ro'}", "not writable")
+    assert main([*page, "--output-dir", str(tmp_path / "out"), "-p", "profile", "nonsense"]) == 2
+    one_line(capsys, "-p profile", "--profile")
+    assert main(["train", "--profile", "smoke", "--threads", "100000", "--runs-dir", str(tmp_path / "runs")]) == 2
+    one_line(capsys, "RunConfig.threads", "1024")
