@@ -11,7 +11,7 @@ import os
 from dataclasses import dataclass
 
 from . import experiments as ex
-from .study import ALL_ARMS, TUNED_ARMS, arm_key, plan_for, run_study, tuned_value
+from .study import ALL_ARMS, TUNED_ARMS, arm_key, plan_for, run_study, tuned_field, tuned_value
 
 
 @dataclass
@@ -37,9 +37,10 @@ class Comparison:
         """One row per tuning run: arm, rho, seed, final validation and training accuracy (empty untuned)."""
         import pandas as pd
         if not self.tuned:
-            return pd.DataFrame(columns=["arm", "rho", "seed", "val_acc", "train_acc"])
+            return pd.DataFrame(columns=["arm", "rho", "field", "seed", "val_acc", "train_acc"])
         seeds = set(self.study["plan"]["tuning_seeds"])
         rows = [{"arm": ALL_ARMS[arm_key(r.config)].name, "rho": tuned_value(arm_key(r.config), r.config),
+                 "field": tuned_field(arm_key(r.config)),
                  "seed": r.config.seed,
                  "val_acc": r.summary.get("val_acc", float("nan")) if r.finished else float("nan"),
                  "train_acc": r.summary.get("train_acc", float("nan")) if r.finished else float("nan")}
@@ -125,6 +126,21 @@ def main_comparison(profile: str, seeds=None, overrides=None, runs_dir=None, wor
     final_arms = record["plan"].get("final_arms", list(ALL_ARMS))
     runs = {ALL_ARMS[k].name: sorted(finals[k], key=lambda r: r.config.seed) for k in final_arms if k in finals}
     return Comparison(profile, runs, record)
+
+
+def testbed_comparison(testbed: str, profile: str = "cpu") -> Comparison:
+    """A reference testbed's study as a ``Comparison``, read from its committed export (nothing trains); a
+    ValueError naming the export and its problems when it cannot be read."""
+    from . import reference
+    from .results import final_runs
+    study, runs, problems = reference.read(testbed, profile)
+    if study is None:
+        bed = reference.testbeds(profile)[testbed]
+        raise ValueError(f"the {bed.title} reference study ({bed.export}) cannot be read: " + "; ".join(problems))
+    record = {**study, "runs": runs}
+    finals = final_runs(record, runs)
+    return Comparison(profile, {ALL_ARMS[k].name: sorted(rs, key=lambda r: r.config.seed) for k, rs in finals.items()},
+                      record)
 
 
 def reference_runs(profile: str):

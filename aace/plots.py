@@ -18,16 +18,33 @@ LABELS = {
 # a figure, which shifts when a method has nothing to draw in a panel). Other names take the next free colour
 # the first time they are drawn and keep it.
 PERCENT = ("train_acc", "test_acc", "val_acc")
-PALETTE = {"SGD": "tab:gray", "SAM": "tab:blue", "SAM+AACE": "tab:orange", "SAM+AACE, normalised step": "tab:green"}
-_SPARE = ["tab:red", "tab:purple", "tab:brown", "tab:pink", "tab:olive", "tab:cyan", "#1b4f72", "#7d6608",
-          "#145a32", "#6c3483", "#b03a2e", "#117864"]
+PALETTE = {"SGD": "tab:gray", "SGD, tuned label smoothing": "tab:brown", "SAM": "tab:blue", "SAM+AACE": "tab:orange",
+           "SAM+AACE, normalised step": "tab:green", "SAM at normalised AACE's rho": "#1b4f72",
+           "SAM+AACE normalised at SAM's rho": "#145a32"}
+MARKERS = {"SGD": "s", "SGD, tuned label smoothing": "D", "SAM": "o", "SAM+AACE": "^", "SAM+AACE, normalised step": "v",
+           "SAM at normalised AACE's rho": "P", "SAM+AACE normalised at SAM's rho": "X"}
+_SPARE = [c for c in ["tab:red", "tab:purple", "tab:pink", "tab:olive", "tab:cyan", "#7d6608", "#6c3483", "#b03a2e",
+                      "#117864", "#d35400", "#5d6d7e"] if c not in PALETTE.values()]
 _assigned: dict = {}
 
 
+def method_of(name: str) -> str | None:
+    """The method a figure's name shows ('SAM (rho 0.05)', 'SAM, seed 0' -> 'SAM'): the longest PALETTE name that
+    the name starts with, followed by nothing or a qualifier; None for another name."""
+    for known in sorted(PALETTE, key=len, reverse=True):
+        if name == known or (name.startswith(known) and name[len(known)] in " ,[("):
+            return known
+    return None
+
+
+def marker_for(name: str) -> str:
+    return MARKERS.get(method_of(name), "o")
+
+
 def color_for(name: str) -> str:
-    """The colour of a method (an arm's name, with any ' (n=...)' suffix left out)."""
-    if name in PALETTE:
-        return PALETTE[name]
+    """The colour of a method (an arm's name; a qualified name such as 'SAM (rho 0.05)' takes its method's)."""
+    if method_of(name) is not None:
+        return PALETTE[method_of(name)]
     if name not in _assigned:
         used = set(_assigned.values())
         free = [c for c in _SPARE if c not in used] or _SPARE
@@ -156,29 +173,33 @@ def differences(runs_by_x: dict, baseline: str, column: str, xlabel: str, ylabel
 
 
 def tuning(frame, chosen: dict):
-    """The tuning curves: final validation and training accuracy against rho, one line per arm (mean over the
-    tuning seeds, each seed a dot), the chosen rho circled. ``frame``: ``Comparison.tuning_frame()``;
-    ``chosen``: {arm name: rho}."""
-    fig, axes = plt.subplots(1, 2, figsize=(9.6, 3.5))
+    """The tuning curves: final validation and training accuracy against each arm's tuned value, one line per arm
+    (mean over the tuning seeds, each seed a dot), the chosen value circled; one row of panels per tuned field
+    (rho; label smoothing), each on its own axis. ``frame``: ``Comparison.tuning_frame()``; ``chosen``: {arm
+    name: value}."""
+    fields = list(dict.fromkeys(frame["field"])) if "field" in frame else ["rho"]
+    fig, axes = plt.subplots(len(fields), 2, figsize=(9.6, 3.3 * len(fields) + 0.4), squeeze=False)
     handles = {}
-    for ax, column in zip(axes, ("val_acc", "train_acc")):
-        for name, part in frame.groupby("arm", sort=False):
-            mean = 100 * part.groupby("rho")[column].mean()
-            line, = ax.plot(mean.index, mean.to_numpy(), marker="o", color=color_for(name))
-            ax.scatter(part["rho"], 100 * part[column], s=10, color=color_for(name), alpha=0.5)
-            if name in chosen:
-                ax.scatter([chosen[name]], [mean[chosen[name]]], s=160, facecolors="none", edgecolors=color_for(name),
-                           linewidths=2)
-            handles.setdefault(name, line)
-        ax.set_xscale("log")
-        rhos = sorted(frame["rho"].unique())  # the grid's values as plain numbers, no log-scale minor labels
-        ax.set_xticks(rhos, [f"{r:g}" for r in rhos])
-        ax.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
-        ax.set_xlabel("rho")
-        ax.set_title(LABELS[column].replace("(%)", "(%), final epoch"), fontsize=10)
-        ax.grid(alpha=0.3)
+    for row, field in zip(axes, fields):
+        part_field = frame[frame["field"] == field] if "field" in frame else frame
+        for ax, column in zip(row, ("val_acc", "train_acc")):
+            for name, part in part_field.groupby("arm", sort=False):
+                mean = 100 * part.groupby("rho")[column].mean()
+                line, = ax.plot(mean.index, mean.to_numpy(), marker=marker_for(name), color=color_for(name))
+                ax.scatter(part["rho"], 100 * part[column], s=10, color=color_for(name), alpha=0.5)
+                if name in chosen:
+                    ax.scatter([chosen[name]], [mean[chosen[name]]], s=160, facecolors="none",
+                               edgecolors=color_for(name), linewidths=2)
+                handles.setdefault(name, line)
+            ax.set_xscale("log")
+            values = sorted(part_field["rho"].unique())  # the grid's values as plain numbers, no minor labels
+            ax.set_xticks(values, [f"{v:g}" for v in values], fontsize=8)
+            ax.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
+            ax.set_xlabel(field.replace("_", " "))
+            ax.set_title(LABELS[column].replace("(%)", "(%), final epoch"), fontsize=10)
+            ax.grid(alpha=0.3)
     _legend(fig, handles)
-    fig.tight_layout(rect=(0, 0.08, 1, 1))
+    fig.tight_layout(rect=(0, 0.1 / len(fields), 1, 1))
     return fig
 
 

@@ -346,7 +346,9 @@ def verdict_tables(finals: dict):
     arms = pd.DataFrame([{"arm": ALL_ARMS[k].name, "tuned value": "-" if k == "sgd" else
                           f"{tuned_value(k, rs[0].config):g}",
                           "test accuracy %": ex.format_runs(rs, ex.FINAL_TEST),
-                          "training accuracy %": ex.format_runs(rs, "train_acc")}
+                          "training accuracy %": ex.format_runs(rs, "train_acc"),
+                          "mean ‖e‖": "-" if k in ("sgd", "sgd_ls") else
+                          f"{ex.spread([float(r.metrics['perturbation_norm'].mean()) for r in rs])['mean']:.3g}"}
                          for k, rs in finals.items()]).set_index("arm")
     from .verdicts import verdicts as declared
     table = declared(finals, "final")
