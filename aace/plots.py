@@ -29,12 +29,10 @@ _assigned: dict = {}
 
 
 def method_of(name: str) -> str | None:
-    """The method a figure's name shows ('SAM (rho 0.05)', 'SAM, seed 0' -> 'SAM'): the longest PALETTE name that
-    the name starts with, followed by nothing or a qualifier; None for another name."""
-    for known in sorted(PALETTE, key=len, reverse=True):
-        if name == known or (name.startswith(known) and name[len(known)] in " ,[("):
-            return known
-    return None
+    """The method a figure's name is ('SAM', 'SAM (n=5 seeds)' -> 'SAM'); None for another name, such as a variant
+    ('SAM+AACE rho 0.05'), which takes a colour of its own so that variants in one figure stay apart."""
+    base = name.split(" (n=")[0]
+    return base if base in PALETTE else None
 
 
 def marker_for(name: str) -> str:
@@ -42,7 +40,7 @@ def marker_for(name: str) -> str:
 
 
 def color_for(name: str) -> str:
-    """The colour of a method (an arm's name; a qualified name such as 'SAM (rho 0.05)' takes its method's)."""
+    """The colour of a method (an arm's name, with any ' (n=...)' suffix left out)."""
     if method_of(name) is not None:
         return PALETTE[method_of(name)]
     if name not in _assigned:
