@@ -11,6 +11,7 @@ import os
 from dataclasses import dataclass
 
 from . import experiments as ex
+from . import formatting as fmt
 from .study import ALL_ARMS, TUNED_ARMS, arm_key, plan_for, run_study, tuned_field, tuned_value
 
 
@@ -72,15 +73,17 @@ class Comparison:
         first = next(iter(self.runs.values()))[0]
         c, seeds = first.config, sorted(r.config.seed for r in next(iter(self.runs.values())))
         rhos = ", ".join(f"{name} {rs[0].config.rho:g}" for name, rs in self.runs.items() if rs[0].config.method != "sgd")
-        text = (f"{c.dataset}, {ex.describe(c)}; seeds {seeds}; final test accuracy on "
-                f"{ex.final_test_size(first):,} test images")
+        noise = f" with {100 * c.label_noise:g} % of the training and validation labels noisy" if c.label_noise else ""
+        text = (f"{fmt.dataset(c.dataset)}{noise}, {ex.describe(c)}; final seeds {fmt.seeds(seeds)}; final test "
+                f"accuracy on {ex.final_test_size(first):,} test images")
         if not self.tuned:
             return text + f"; the authors' rhos ({rhos}), not tuned here"
         plan = self.study["plan"]
-        grid = "; ".join(f"{ALL_ARMS[k].name} {', '.join(f'{r:g}' for r in v)}" for k, v in plan["rhos"].items())
-        return (text + f". Rho chosen per method by mean final accuracy on {first.info.get('val_size', 0):,} "
-                f"validation images held out of the training pool (seeds {plan['tuning_seeds']}; grid: {grid}); "
-                f"chosen: {rhos}")
+        grid = "; ".join(f"{ALL_ARMS[k].name} {fmt.values(v)}" for k, v in plan["rhos"].items())
+        chosen = ", ".join(f"{ALL_ARMS[k].name} {v['rho']:g}" for k, v in self.study["chosen"].items())
+        return (text + f". Each tuned value chosen by mean final accuracy on {first.info.get('val_size', 0):,} "
+                f"validation images held out of the training pool (tuning seeds {fmt.seeds(plan['tuning_seeds'])}; "
+                f"grids: {grid}); chosen: {chosen}")
 
 
 def default_workers() -> int:

@@ -147,10 +147,12 @@ def paired_difference(a: list[Run], b: list[Run], column: str = "test_acc") -> d
 
 def describe(config: RunConfig) -> str:
     """Where a number came from: the profile-level facts a reader needs beside a cell."""
-    subset = f"{config.train_subset} train / {config.test_subset or 'all'} test images" if config.train_subset \
-        else "full data"
-    return f"{config.model} ({config.model_variant}), {config.epochs} epochs, {subset}, {config.lr_schedule} lr, " \
-           f"augment {config.augment}"
+    from . import formatting as fmt
+    test = f"{config.test_subset:,}" if config.test_subset else "all"
+    subset = f"{config.train_subset:,} training / {test} test images" if config.train_subset else "the full data set"
+    variant = "" if config.model_variant == "standard" else f" ({config.model_variant}'s variant)"
+    return f"{config.model.upper()}{variant}, {config.epochs} epochs, {subset}, {config.lr_schedule} learning-rate " \
+           f"schedule, {fmt.augment(config.augment)}"
 
 
 def published_results():
