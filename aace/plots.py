@@ -229,7 +229,7 @@ def paired_effects(values_by_name: dict, margin: float | None = None, unit: str 
 def replication(rows: list[tuple[str, float, float, float]], unit: str = "points"):
     """Per replicated comparison (label, this build's effect, the reference's prediction interval lo, hi): the
     interval as a bar, the build's value as a dot, green inside and red outside."""
-    fig, ax = plt.subplots(figsize=(7.0, 1.2 + 0.45 * len(rows)))
+    fig, ax = plt.subplots(figsize=(9.0, 1.6 + 0.5 * len(rows)))
     for i, (label, value, lo, hi) in enumerate(rows):
         ax.plot([lo, hi], [i, i], color="0.6", lw=6, solid_capstyle="butt", zorder=2)
         inside = lo <= value <= hi
@@ -237,7 +237,7 @@ def replication(rows: list[tuple[str, float, float, float]], unit: str = "points
     ax.axvline(0.0, color="k", lw=1)
     ax.set_yticks(range(len(rows)), [r[0] for r in rows])
     ax.set_ylim(len(rows) - 0.5, -0.8)
-    ax.set_xlabel(f"paired effect ({unit}); bar: the reference's 95 % prediction interval; dot: this build")
+    ax.set_xlabel(f"paired effect ({unit}); bar: the reference's prediction interval for this many seeds; dot: this build")
     ax.grid(alpha=0.3, axis="x")
     fig.tight_layout()
     return fig

@@ -81,12 +81,38 @@ def test_a_stale_or_missing_reference_is_said_instead_of_its_numbers(monkeypatch
         reference.testbeds("gpu")
 
 
-def test_replication_reads_the_same_runs_bit_identical(tmp_path):
-    # the fixture store (conftest: frozen) holds the smoke references' seed-0 runs
-    runs, effects, problems = reference.replication("clean", "smoke")
-    assert problems == [] and len(runs) == len(reference.read("clean", "smoke")[0]["plan"]["final_arms"])
-    assert set(runs["bit-identical"]) == {"yes"} and (runs["difference (points)"] == 0).all()
-    assert set(effects["consistent"]) <= {"yes", "no"} and len(effects)
+def test_the_determinism_check_reads_the_same_runs_bit_identical():
+    # the fixture store (conftest: frozen) holds the smoke clean reference's seed-0 runs
+    same, problems = reference.determinism("smoke")
+    assert problems == [] and len(same) == len(reference.finals(*reference.read("clean", "smoke")[:2]))
+    assert set(same["bit-identical"]) == {"yes"} and (same["difference (points)"] == 0).all()
+    assert same["reference machine"].str.contains("(", regex=False).all() and same["this machine"].all()
+
+
+def test_the_fresh_replication_can_fail(monkeypatch):
+    """A build in which SAM+AACE did nothing (its runs are SAM's) must read 'not consistent' against the noise
+    reference; the declared fresh seeds give that at least 80 % power at the reference's spread."""
+    from aace import experiments
+    study, runs, _ = reference.read("noise", "cpu")
+    sam = reference.finals(study, runs)["sam"][:len(reference.FRESH_SEEDS)]
+
+    def no_effect(grid, runs_dir=None, workers=None, found=None):  # every arm's fresh runs are SAM's runs
+        return {arm: sam for arm in grid}
+    monkeypatch.setattr(experiments, "ensure", no_effect)
+    effects, problems = reference.fresh_replication("cpu")
+    assert problems == [] and list(effects["consistent"]) == ["no"]
+    assert effects["power against no effect"].iloc[0] >= 0.8
+    with pytest.raises(ValueError, match="parameter 'fresh_seeds'"):
+        reference.fresh_replication("cpu", seeds=(0, 1000))
+
+
+def test_fresh_replication_power_is_what_the_declaration_says():
+    from aace.verdicts import paired
+    study, runs, _ = reference.read("noise", "cpu")
+    d = paired(reference.finals(study, runs), "aace", "sam", "final")
+    assert reference.replication_power(d, len(reference.FRESH_SEEDS)) >= 0.8
+    assert reference.replication_power(d, 3) < 0.8  # fewer seeds would not do
+    assert not set(reference.FRESH_SEEDS) & (set(study["plan"]["final_seeds"]) | set(study["plan"]["tuning_seeds"]))
 
 
 def test_the_book_records_each_page_in_its_build_report(tmp_path):
