@@ -107,3 +107,21 @@ def best_epoch_table(finals: dict):
 def skewed(table, limit: float = 1.0) -> list[str]:
     """The comparisons whose paired differences are skewed (|skewness| above ``limit``)."""
     return [r["comparison"] for _, r in table.iterrows() if abs(r["skewness"]) > limit]
+
+
+def stages(finals: dict, a: str, b: str, first: int = 10, scoring: str = PRIMARY) -> dict:
+    """The two-stage design's check: a − b over the first ``first`` seeds (the first look) and over the rest."""
+    early = {k: [r for r in rs if r.config.seed < first] for k, rs in finals.items()}
+    late = {k: [r for r in rs if r.config.seed >= first] for k, rs in finals.items()}
+    return {"first": paired(early, a, b, scoring), "rest": paired(late, a, b, scoring)}
+
+
+def published_fashion_mnist_sam() -> str:
+    """The SAM paper's Fashion-MNIST accuracy (WRN-28-10, basic augmentation), with its source."""
+    from .experiments import published_results
+    t = published_results()
+    rows = t[(t["dataset"] == "fashionmnist") & (t["augmentation"] == "basic") & (t["method"] == "SAM")]
+    if rows.empty:
+        return "not available"
+    r = rows.iloc[0]
+    return f"{100 - float(r['value']):.2f} % ({r['source']}, {r['model']})"

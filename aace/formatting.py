@@ -15,7 +15,7 @@ def seeds(values) -> str:
     parts, start = [], values[0]
     for prev, cur in zip(values, values[1:] + [None]):
         if cur != prev + 1:
-            parts.append(f"{start}" if start == prev else f"{start}, {prev}" if prev == start + 1 else f"{start}–{prev}")
+            parts += [f"{start}"] if start == prev else [f"{start}", f"{prev}"] if prev == start + 1 else [f"{start}–{prev}"]
             start = cur
     return parts[0] if len(parts) == 1 else ", ".join(parts[:-1]) + " and " + parts[-1]
 
@@ -36,3 +36,8 @@ def values(items) -> str:
     """Numbers as a reader writes them: '0.05, 0.1 and 0.2'."""
     shown = [f"{v:g}" if isinstance(v, float) else str(v) for v in items]
     return shown[0] if len(shown) == 1 else ", ".join(shown[:-1]) + " and " + shown[-1] if shown else "none"
+
+
+def count(n: int, word: str, plural: str | None = None) -> str:
+    """'1 seed', '3 seeds', '1 run'."""
+    return f"{n} {word if n == 1 else plural or word + 's'}"
