@@ -218,3 +218,11 @@ def test_the_book_s_reference_studies_reach_their_declared_power(testbed):
                  & (table["scoring"] == "final")]
     assert problems == {} and len(rows) == 1 and bed.mde_target is not None
     assert (rows["MDE (points)"] <= bed.mde_target).all(), rows
+
+
+def test_the_readme_s_results_are_the_exports():
+    text = (reference.ROOT / "README.md").read_text()
+    begin, end = text.find(reference.README_BEGIN), text.find(reference.README_END)
+    assert begin >= 0 and end > begin, "README.md has no generated results block"
+    assert text[begin:end + len(reference.README_END)] == reference.results_markdown(), \
+        "README's results block differs from the exports: run python scripts/readme_results.py"
