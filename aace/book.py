@@ -267,3 +267,19 @@ def build_book(path: str | os.PathLike = ROOT) -> None:
     """``jupyter-book build PATH -W -n --keep-going``: warnings are errors."""
     jupyter_book = Path(sys.executable).parent / "jupyter-book"
     subprocess.run([str(jupyter_book), "build", str(path), "-W", "-n", "--keep-going"], check=True)
+
+
+def page_list() -> str:
+    """The book's pages as the sidebar lists them (``_toc.yml``, by part), each with its title: the intro's page
+    list, generated so that it never differs from the sidebar."""
+    import yaml
+    toc = yaml.safe_load((ROOT / "_toc.yml").read_text())
+    lines = []
+    for part in toc.get("parts", []):
+        titles = []
+        for chapter in part["chapters"]:
+            stem = Path(chapter["file"]).name
+            titles.append(f"{{doc}}`{stem}`" if (NOTEBOOK_DIR / f"{stem}.ipynb").is_file() or
+                          (ROOT / "book" / f"{stem}.md").is_file() else stem)
+        lines.append(f"- **{part['caption']}:** " + ", ".join(titles))
+    return "\n".join(lines)

@@ -112,5 +112,6 @@ def scale(comparison: Comparison) -> str:
     first = next(iter(comparison.runs.values()))[0]
     c = first.config
     data = f"{c.train_subset:,} training images" if c.train_subset else "all training images"
-    return (f"{c.dataset}, {c.model}, {data}, {c.epochs} epochs, {len(comparison.runs['SAM'])} seeds, "
+    from .formatting import count, dataset
+    return (f"{dataset(c.dataset)}, {c.model.upper()}, {data}, {c.epochs} epochs, {count(len(comparison.runs['SAM']), 'seed')}, "
             f"{'rho tuned per method' if comparison.tuned else 'default rhos'}")

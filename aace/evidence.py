@@ -125,3 +125,22 @@ def published_fashion_mnist_sam() -> str:
         return "not available"
     r = rows.iloc[0]
     return f"{100 - float(r['value']):.2f} % ({r['source']}, {r['model']})"
+
+
+def authors_logs() -> list[str]:
+    """The closest evidence at the paper's scale: the authors' own training logs, one line per method, with
+    source, setting and the number of runs (aace/reference/published_results.csv)."""
+    from .experiments import published_results
+    t = published_results()
+    rows = t[t["source"].str.contains("training logs")]
+    out = []
+    if rows.empty:
+        return []
+    first = rows.iloc[0]
+    for _, r in rows.iterrows():
+        spread = f" ± {r['spread'].split(' ')[0]} (SD)" if r["spread"] else ""
+        epochs = "" if r["epochs"] == first["epochs"] else f", {r['epochs']} epochs"
+        out.append(f"{r['method']} {r['value']} %{spread} ({r['n_runs']} run{'s' if r['n_runs'] != '1' else ''}"
+                   f"{epochs})")
+    return [f"{'; '.join(out)}: {first['dataset'].upper().replace('CIFAR', 'CIFAR-')}, {first['model']}, "
+            f"{first['epochs']} epochs, final-epoch test accuracy ({first['source']})"]
