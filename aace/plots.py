@@ -204,24 +204,32 @@ def tuning(frame, chosen: dict):
 def paired_effects(values_by_name: dict, margin: float | None = None, unit: str = "points"):
     """Per comparison, each seed's paired difference (grey dots, spread a little vertically so that ties show),
     their mean with its 95 % interval (black), zero, and the band of +-``margin`` within which a difference counts
-    as equivalent."""
+    as equivalent. ``values_by_name``: {comparison: values}, or {group title: {comparison: values}} for one panel
+    per group (each testbed on its own scale)."""
     from .stats import spread
+    groups = values_by_name if values_by_name and isinstance(next(iter(values_by_name.values())), dict) \
+        else {None: values_by_name}
     jitter = np.random.default_rng(0)  # a fixed spread: the same figure on every build
-    fig, ax = plt.subplots(figsize=(9.0, 1.3 + 0.65 * len(values_by_name)))
-    for i, (name, values) in enumerate(values_by_name.items()):
-        s = spread(values)
-        ax.scatter(values, i + jitter.uniform(-0.18, 0.18, len(values)), color="0.55", s=12, zorder=3, alpha=0.8)
-        if s["n"] > 1:
-            ax.errorbar([s["mean"]], [i], xerr=[[s["ci95"]], [s["ci95"]]], fmt="o", color="k", capsize=5, zorder=4)
-    ax.axvline(0.0, color="k", lw=1)
-    if margin:
-        ax.axvspan(-margin, margin, color="tab:green", alpha=0.12, label=f"within ±{margin:g} {unit}: equivalent")
-        ax.legend(frameon=False, fontsize=8, loc="upper center", bbox_to_anchor=(0.5, -0.22 - 0.2 / len(values_by_name)))
-    ax.set_yticks(range(len(values_by_name)), list(values_by_name))
-    ax.set_ylim(len(values_by_name) - 0.5, -0.6)
-    ax.set_xlabel(f"paired difference in final test accuracy ({unit}): dots, one per seed; black, mean and 95 % "
-                  f"interval")
-    ax.grid(alpha=0.3, axis="x")
+    heights = [0.6 + 0.6 * len(g) for g in groups.values()]
+    fig, axes = plt.subplots(len(groups), 1, figsize=(9.0, 0.9 + sum(heights)), squeeze=False,
+                             gridspec_kw={"height_ratios": heights})
+    for ax, (title, group) in zip(axes[:, 0], groups.items()):
+        for i, (name, values) in enumerate(group.items()):
+            s = spread(values)
+            ax.scatter(values, i + jitter.uniform(-0.18, 0.18, len(values)), color="0.55", s=12, zorder=3, alpha=0.8)
+            if s["n"] > 1:
+                ax.errorbar([s["mean"]], [i], xerr=[[s["ci95"]], [s["ci95"]]], fmt="o", color="k", capsize=5,
+                            zorder=4)
+        ax.axvline(0.0, color="k", lw=1)
+        if margin:
+            ax.axvspan(-margin, margin, color="tab:green", alpha=0.12, label=f"within ±{margin:g} {unit}: equivalent")
+        ax.set_yticks(range(len(group)), list(group))
+        ax.set_ylim(len(group) - 0.5, -0.6)
+        ax.grid(alpha=0.3, axis="x")
+        if title:
+            ax.set_title(title, fontsize=10, loc="left")
+    axes[-1, 0].set_xlabel(f"paired difference in final test accuracy ({unit}): dots, one per seed; black, mean and "
+                           f"95 % interval" + (f"; green, ±{margin:g} {unit}" if margin else ""))
     fig.tight_layout()
     return fig
 
