@@ -69,7 +69,8 @@ def _dataset(name: str, data_root: str | None):
 
 def fixed_batch(run, size: int = 512, seed: int = 0, split: str = "train"):
     """A fixed, stratified batch of a run's training (or test) data, normalised, without augmentation."""
-    from .data import BatchLoader, mean_std, spec, stratified_subset, train_validation_split
+    from .batches import BatchLoader
+    from .data import mean_std, spec, stratified_subset, train_validation_split
     c = run.config
     train, test = _dataset(c.dataset, c.data_root)
     dspec = spec(c.dataset)

@@ -10,7 +10,8 @@ import threading
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parent.parent
+from .paths import ROOT
+
 NOTEBOOK_DIR = ROOT / "notebooks"
 # In reading order; each becomes a page of the book.
 NOTEBOOKS = ["intro", "replication", "aace_loss", "comparison", "noise", "convergence", "table2", "table3", "ablations",

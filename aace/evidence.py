@@ -3,7 +3,7 @@ values behind each, the direction-versus-length reading, and the sensitivity ana
 pilot's seeds left out, underfitting seeds). Every number comes from the study's committed export."""
 from __future__ import annotations
 
-from .verdicts import FAMILIES, PRIMARY, name, paired, reading, score, verdicts
+from .verdicts import FAMILIES, PRIMARY, name, paired, reading, verdicts
 
 # A run "underfits" when it ends below this training accuracy on its own training labels (clean testbed): the
 # paper's argument is about the end of training, which such a run has not reached.

@@ -16,10 +16,10 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from . import stats
+from .paths import ROOT
 from .study import ALL_ARMS
-from .verdicts import FAMILIES, SCORINGS, name, paired, score, verdicts
+from .verdicts import SCORINGS, name, paired, score, verdicts
 
-ROOT = Path(__file__).resolve().parent.parent
 
 
 @dataclass(frozen=True)
@@ -244,7 +244,7 @@ def fresh_replication(profile: str = "cpu", runs_dir=None, seeds=FRESH_SEEDS):
                      "this build (points)": 100 * new_d["mean"], "fresh seeds": new_d["n"],
                      "this build's own 95 % interval": f"[{100 * own_lo:+.2f}, {100 * own_hi:+.2f}]",
                      "reference (points)": 100 * ref_d["mean"], "reference seeds": ref_d["n"],
-                     f"reference's prediction interval": f"[{100 * lo:+.2f}, {100 * hi:+.2f}]",
+                     "reference's prediction interval": f"[{100 * lo:+.2f}, {100 * hi:+.2f}]",
                      "interval level": f"{100 * (1 - stats.family_alpha(m)):.3g} %",
                      "Holm-adjusted p": p_adj, "consistent": "yes" if p_adj >= stats.ALPHA else "no",
                      "power against no effect": replication_power(ref_d, new_d["n"], m)})

@@ -314,7 +314,7 @@ from .stats import EQUIVALENCE_MARGIN  # noqa: E402 - the book's rule, named whe
 
 
 def export_for(profile: str) -> Path:
-    from .book import ROOT
+    from .paths import ROOT
     return ROOT / EXPORTS.get(profile, DEFAULT_EXPORT)
 
 

@@ -30,6 +30,7 @@ from pathlib import Path
 import torch
 
 from .config import RunConfig
+from .tables import EPOCH_COLUMNS, STEP_COLUMNS, summary_problem
 
 
 def note_use(kind: str, path: Path) -> None:
@@ -169,7 +170,6 @@ def write_epoch(path: Path, epoch_rows: list[dict], step_stats: torch.Tensor, st
 
 def write_tables(path: Path, epoch_rows: list[dict], step_stats: torch.Tensor) -> None:
     """metrics.csv and steps.csv, from the history a checkpoint holds."""
-    from .train import STEP_COLUMNS
     _atomic_write_text(path / "metrics.csv", _csv(epoch_rows))
     steps_per_epoch = len(step_stats) // len(epoch_rows)
     rows = [{"epoch": i // steps_per_epoch + 1, "step": i + 1,
@@ -303,7 +303,6 @@ def load_run(path: Path, missing_ok: bool = False, with_steps: bool = True) -> R
     if summary.get("status") not in STATUSES:
         raise CorruptRun(f"{path / 'summary.json'} holds status {summary.get('status')!r}, not one of {STATUSES}; "
                          f"training the config again rebuilds it from the checkpoint (or delete {path})")
-    from .train import EPOCH_COLUMNS
     frames = []
     for name, needed in (("metrics.csv", EPOCH_COLUMNS), ("steps.csv", ("epoch", "step", "grad_norm"))):
         fix = f"training the config again rebuilds it from the checkpoint (or delete {path} to redo the run)"
@@ -322,8 +321,10 @@ def load_run(path: Path, missing_ok: bool = False, with_steps: bool = True) -> R
     if summary.get("status") in ("finished", "diverged") and len(metrics) != expected:
         raise CorruptRun(f"{path / 'metrics.csv'} has {len(metrics)} epochs, summary.json says {expected}; "
                          f"training the config again rebuilds it from the checkpoint (or delete {path})")
-    if summary.get("status") == "finished":
-        _check_summary(path, summary, metrics)
+    problem = summary_problem(summary, metrics) if summary.get("status") == "finished" else None
+    if problem:
+        raise CorruptRun(f"{path / 'summary.json'}: {problem}; training the config again rebuilds it from the "
+                         f"checkpoint (or delete {path} to redo the run)")
     if with_steps and len(metrics) and (len(steps) == 0 or int(steps["epoch"].max()) != len(metrics)):
         raise CorruptRun(f"{path / 'steps.csv'} does not cover the {len(metrics)} epochs of metrics.csv; "
                          f"training the config again rebuilds it from the checkpoint (or delete {path})")
@@ -333,27 +334,6 @@ def load_run(path: Path, missing_ok: bool = False, with_steps: bool = True) -> R
         raise CorruptRun(f"{path / 'config.json'} holds no valid RunConfig ({err}); delete {path} to redo the run") \
             from err
     return Run(path, config, info, metrics, steps, summary)
-
-
-def _check_summary(path: Path, summary: dict, metrics) -> None:
-    """A finished run's summary must be what its metrics say: every value that is also a column of metrics.csv
-    equal to the last epoch's (its accuracies and losses; timings are averaged over the run), and every accuracy
-    a number in [0, 1] (a summary is what studies and pages read)."""
-    import math
-    last = metrics.iloc[-1] if len(metrics) else None
-    for key, value in summary.items():
-        is_number = isinstance(value, (int, float)) and not isinstance(value, bool)
-        wrong = None
-        if key.endswith("_acc") and not (is_number and 0.0 <= value <= 1.0):
-            wrong = "is not an accuracy in [0, 1]"
-        elif last is not None and key in metrics.columns and key.endswith(("_acc", "_loss")):
-            recorded = float(last[key])
-            if not is_number or not (math.isclose(value, recorded, rel_tol=1e-12, abs_tol=0.0)
-                                     or (math.isnan(value) and math.isnan(recorded))):
-                wrong = f"is not the last epoch's {recorded!r} in metrics.csv"
-        if wrong:
-            raise CorruptRun(f"{path / 'summary.json'}: {key} {value!r} {wrong}; training the config again rebuilds "
-                             f"it from the checkpoint (or delete {path} to redo the run)")
 
 
 # What a summary.json may say of its run ('unknown': no summary.json yet).

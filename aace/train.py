@@ -20,18 +20,12 @@ import torch
 from . import distributed, store
 from .machine import environment
 from .config import RunConfig
-from .data import (ArrayData, BatchLoader, load_dataset, mean_std, spec, stratified_subset, symmetric_label_noise,
-                   train_validation_split)
+from .batches import BatchLoader, prepare_data
+from .tables import STEP_COLUMNS, epoch_row
 from .losses import LOSSES, aace_loss, cross_entropy
 from .models import build_model
 from .sam import SAM
 from .step import sam_step
-
-STEP_COLUMNS = ("lr", "ce_loss", "aace_loss", "grad_norm", "perturbation_norm", "perturbation_cosine",
-                "train_loss", "train_correct", "skipped")
-EPOCH_COLUMNS = ("epoch", "lr", "ce_loss", "aace_loss", "grad_norm", "perturbation_norm", "perturbation_cosine",
-                 "train_loss", "train_acc", "test_loss", "test_acc", "epoch_seconds", "images_per_second")
-
 
 def resolve_device(device: str) -> torch.device:
     if device == "auto":
@@ -51,48 +45,6 @@ def learning_rate(config: RunConfig, step: int, total_steps: int) -> float:
 
 # Evaluation batch: on 2 CPU cores WRN-10-1 evaluates 1,000 images in 370 ms as one batch and in 200 ms as
 # four of 250 (the activations of a 1,000-image batch outgrow the caches).
-EVAL_BATCH = 250
-
-
-def prepare_data(config: RunConfig, device: torch.device):
-    dspec = spec(config.dataset)
-    train, test = load_dataset(config.dataset, config.data_root, config.download, verify=not config.modified_data)
-    mean, std = mean_std(dspec, train)  # the full training set's statistics, as the authors' code
-    for name, part, size in (("test_subset", "test", len(test)),
-                             *((("train_subset", "training", len(train)),) if not config.val_subset else ())):
-        if getattr(config, name) is not None and getattr(config, name) > size:
-            raise ValueError(f"RunConfig.{name}: expected at most the {size:,} {part} images of {config.dataset}, "
-                             f"got {getattr(config, name):,}")
-    val = None
-    if config.val_subset:
-        train_idx, val_idx = train_validation_split(train.labels, config.train_subset, config.val_subset,
-                                                    config.data_seed)
-        train, val = train.subset(train_idx), train.subset(val_idx)
-    elif config.train_subset:
-        train = train.subset(stratified_subset(train.labels, config.train_subset, config.data_seed))
-    full_test = test if config.final_full_test and config.test_subset else None
-    if config.test_subset:
-        test = test.subset(stratified_subset(test.labels, config.test_subset, config.data_seed))
-    if config.label_noise:
-        train = ArrayData(train.images, symmetric_label_noise(train.labels, config.label_noise, dspec.num_classes,
-                                                              config.seed))
-        if config.validation_label_noise and val is not None:  # its own draw (seeds stay below 2**32)
-            val = ArrayData(val.images, symmetric_label_noise(val.labels, config.label_noise, dspec.num_classes,
-                                                              config.seed + 2 ** 32))
-    for name, part in (("training", train), ("validation", val or test), ("test", test)):
-        if len(part) and not 0 <= int(part.labels.min()) <= int(part.labels.max()) < dspec.num_classes:
-            raise ValueError(f"{config.dataset} {name} labels outside [0, {dspec.num_classes - 1}]: "
-                             f"the dataset files are damaged; get them again")
-    channels_last = True  # measured on 2 CPU cores: WRN-10-1 SAM step 0.25 s -> 0.17 s; standard on GPUs
-    train_loader = BatchLoader(train, dspec, mean, std, config.batch_size, train=True, augment=config.augment,
-                               seed=config.seed, device=device, channels_last=channels_last)
-    test_loader = BatchLoader(test, dspec, mean, std, EVAL_BATCH, train=False, device=device, channels_last=channels_last)
-    val_loader, full_test_loader = (None if part is None else BatchLoader(
-        part, dspec, mean, std, EVAL_BATCH, train=False, device=device, channels_last=channels_last)
-        for part in (val, full_test))
-    return dspec, train_loader, test_loader, val_loader, full_test_loader
-
-
 def make_optimizer(config: RunConfig, model: torch.nn.Module):
     # foreach: one vectorised update over all tensors (on the CPU too, where torch's default loops in Python)
     base = dict(lr=config.lr, momentum=config.momentum, weight_decay=config.weight_decay, nesterov=config.nesterov,
@@ -344,7 +296,7 @@ def _train(config: RunConfig, device: torch.device, run_dir, progress, world: di
             test_loss, test_acc = evaluate(model, test_loader) if scored else (math.nan, math.nan)
             seconds = time.perf_counter() - start
             wall += seconds
-            row = _epoch_row(epoch, stats, len(train_loader.labels), test_loss, test_acc, seconds)
+            row = epoch_row(epoch, stats, len(train_loader.labels), test_loss, test_acc, seconds)
             if val_loader is not None:  # after the epoch's timing: images/second counts training and test only
                 row["val_loss"], row["val_acc"] = evaluate(model, val_loader) if scored else (math.nan, math.nan)
             epoch_rows.append(row)
@@ -406,16 +358,3 @@ def _train(config: RunConfig, device: torch.device, run_dir, progress, world: di
     result.trained = True
     store.note_use("trained", run_dir)
     return result
-
-
-def _epoch_row(epoch, stats, n_train, test_loss, test_acc, seconds) -> dict:
-    col = {name: stats[:, i] for i, name in enumerate(STEP_COLUMNS)}
-    cos = col["perturbation_cosine"]
-    cos = cos[~torch.isnan(cos)]
-    return {"epoch": epoch + 1, "lr": float(col["lr"][-1]),
-            **{k: float(col[k].mean()) for k in ("ce_loss", "aace_loss", "grad_norm", "perturbation_norm",
-                                                 "train_loss")},
-            "perturbation_cosine": float(cos.mean()) if len(cos) else float("nan"),
-            "train_acc": float(col["train_correct"].sum()) / n_train,
-            "test_loss": test_loss, "test_acc": test_acc, "epoch_seconds": seconds,
-            "images_per_second": n_train / seconds}

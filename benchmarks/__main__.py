@@ -17,7 +17,8 @@ from pathlib import Path
 import torch
 
 from aace import SAM, __version__ as aace_version, aace_loss, build_model, frozen_bn_stats
-from aace.data import DATASETS, ArrayData, BatchLoader
+from aace.batches import BatchLoader
+from aace.data import DATASETS, ArrayData
 
 HERE = Path(__file__).resolve().parent
 

@@ -1,7 +1,6 @@
 """Rewrite the README's results block from the committed exports (aace.reference.results_markdown), so that the
 README's numbers are the book's. Run after an export changes; a test fails while they disagree."""
 import sys
-from pathlib import Path
 
 from aace import reference
 

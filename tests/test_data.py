@@ -11,8 +11,9 @@ import torchvision
 from PIL import Image
 
 from aace import data
-from aace.data import (DATASETS, ArrayData, BatchLoader, DatasetCorrupt, DatasetNotFound, cutout, load_dataset,
-                       mean_std, random_crop, stratified_subset)
+from aace.batches import BatchLoader, cutout, random_crop
+from aace.data import (DATASETS, ArrayData, DatasetCorrupt, DatasetNotFound, load_dataset,
+                       mean_std, stratified_subset)
 
 
 def write_idx(path, array, compress=True):
