@@ -168,19 +168,22 @@ def execute_notebooks(profile: str, names: list[str] | None = None, parameters: 
         os.environ["AACE_RUNS"] = str(Path(runs_dir).resolve())
     output_dir = _writable_folder(Path(output_dir), "--output-dir")
     executed = []
-    for name in names:
+    for number, name in enumerate(names, 1):
+        step = f"[{number}/{len(names)}]"
         own = {"profile": profile, **{k: v for k, v in parameters.items() if k in declared[name]}}
         if name == "build_report":
             own.setdefault("report", str((output_dir / REPORT).resolve()))
         target, partial = output_dir / f"{name}.ipynb", output_dir / f".{name}.executing.ipynb"
         inputs = page_inputs(name, own)
         if name != "build_report" and not rerun and _kept(output_dir, name, inputs):
-            print(f"keeping {name}: its notebook, parameters, package, exports and the stored runs it read are those of "
+            print(f"{step} keeping {name}: its notebook, parameters, package, exports and the stored runs it read are those of "
                   f"its last execution (--rerun executes it again)", flush=True)
             _mark_kept(output_dir, name)
             executed.append(target)
             continue
-        print(f"executing {name} with {own}", flush=True)
+        shown = ", ".join(f"{k} {v}" for k, v in own.items() if k != "report")
+        print(f"{step} executing {name} ({shown}); its runs, if it trains any, are listed as they start and end",
+              flush=True)
         log = output_dir / f".{name}.runs.log"
         log.unlink(missing_ok=True)
         os.environ["AACE_RUN_LOG"] = str(log.resolve())  # the kernel and its training children inherit it
@@ -189,7 +192,9 @@ def execute_notebooks(profile: str, names: list[str] | None = None, parameters: 
             with _interrupts_reach_the_kernel() as got:
                 try:
                     papermill.execute_notebook(str(NOTEBOOK_DIR / f"{name}.ipynb"), str(partial), parameters=own,
-                                               cwd=str(ROOT), kernel_name="python3", progress_bar=True)
+                                               cwd=str(ROOT), kernel_name="python3", progress_bar=False,
+                                               # the kernel's own start-up log (its TCP warning) is not the reader's
+                                               extra_arguments=["--IPKernelApp.log_level=ERROR"])
                 except papermill.PapermillExecutionError as err:
                     if "signal" not in got:
                         raise PageFailed(name, err.ename, err.evalue) from err
@@ -198,6 +203,9 @@ def execute_notebooks(profile: str, names: list[str] | None = None, parameters: 
             hide_parameter_cells(partial)
             os.replace(partial, target)
             record_page(output_dir, name, own, time.time() - started, log, inputs)
+            entry = _read_report(output_dir)[name]
+            print(f"{step} {name} done in {time.time() - started:.0f} s ({entry['runs_trained']} runs trained, "
+                  f"{entry['runs_read_from_store'] + entry['runs_read_from_exports']} read)", flush=True)
         finally:
             partial.unlink(missing_ok=True)
             log.unlink(missing_ok=True)

@@ -10,6 +10,7 @@ SIGKILL, so that no run outlives the study that started it.
 from __future__ import annotations
 
 import ctypes
+import json
 import os
 import shlex
 import signal
@@ -99,6 +100,7 @@ class _Child:
     process: subprocess.Popen
     stderr: object  # unnamed temporary files
     stdout: object
+    started: float = 0.0  # time.time() at its start, for the ETA
 
     def lines(self, stream=None) -> list[str]:
         stream = stream or self.stderr
@@ -142,6 +144,31 @@ def _stop(children, signum) -> None:
             child.process.wait()
 
 
+HEARTBEAT_SECONDS = 60  # a progress line at least this often while runs train
+
+
+def _progress_line(running, pending, durations, workers, runs_dir) -> str:
+    """'training SAM seed 3 (epoch 12/40), SGD seed 4 (epoch 2/40); 5 waiting; about 6 min left': the runs now
+    training with their epoch (from their summary.json), what waits, and an ETA from this pool's measured runs."""
+    from .store import run_dir
+    from .train import resolve_device
+    now = []
+    for child in running:
+        c = child.config
+        try:
+            epoch = json.loads((run_dir(c, resolve_device(c.device), runs_dir) / "summary.json").read_text()).get(
+                "epochs_done")
+        except (OSError, ValueError, AttributeError):
+            epoch = None
+        now.append(f"{c.label()} seed {c.seed} (epoch {epoch if epoch is not None else 0}/{c.epochs})")
+    eta = ""
+    if durations:
+        per_run = sum(durations) / len(durations)
+        left = per_run * (len(pending) + len(running) * 0.5) / max(1, workers)
+        eta = f"; about {left / 60:.1f} min left ({per_run / 60:.1f} min a run here)"
+    return f"training {', '.join(now) or 'nothing'}; {len(pending)} waiting{eta}"
+
+
 def run_pool(configs: list[RunConfig], runs_dir=None, workers: int = 1, deadline: float | None = None,
              log=None, profile: str | None = None, found=None) -> tuple[list, bool, int]:
     """Train (or read back) every config, ``workers`` child processes at a time; returns (runs, complete,
@@ -163,7 +190,7 @@ def run_pool(configs: list[RunConfig], runs_dir=None, workers: int = 1, deadline
             runs.append(run(config, runs_dir, progress=False))
         else:
             pending.append(config)
-    started, running = time.time(), []
+    started, running, durations, heartbeat = time.time(), [], [], time.time()
     try:
         while pending or running:
             while pending and len(running) < workers and (deadline is None or time.time() < deadline):
@@ -176,12 +203,17 @@ def run_pool(configs: list[RunConfig], runs_dir=None, workers: int = 1, deadline
                                                stdin=subprocess.DEVNULL, stdout=stdout, stderr=stderr,
                                                start_new_session=True,
                                                preexec_fn=lambda p=os.getpid(): _end_with_parent(p))
-                    running.append(_Child(config, process, stderr, stdout))
+                    running.append(_Child(config, process, stderr, stdout, time.time()))
                 finally:
                     signal.pthread_sigmask(signal.SIG_SETMASK, blocked)
+                log(f"started {config.label()} seed {config.seed} ({len(running)} training, {len(pending)} waiting)")
+                heartbeat = time.time()
             if not running:
                 break
             time.sleep(0.2)
+            if time.time() - heartbeat > HEARTBEAT_SECONDS:
+                log(_progress_line(running, pending, durations, workers, runs_dir))
+                heartbeat = time.time()
             for child in [c for c in running if c.process.poll() is not None]:
                 running.remove(child)
                 code, config = child.process.returncode, child.config
@@ -197,9 +229,14 @@ def run_pool(configs: list[RunConfig], runs_dir=None, workers: int = 1, deadline
                 runs.append(run_)
                 trained += child.trained()
                 s = run_.summary
+                if child.trained():  # the process's whole life, start-up included: what the ETA needs
+                    durations.append(time.time() - child.started)
                 log(f"[{len(runs)}/{len(configs)}, {time.time() - started:.0f} s] {config.label()} seed "
                     f"{config.seed}: {s.get('status')}, val {100 * (s.get('val_acc') or float('nan')):.2f} %, "
                     f"test {100 * (s.get('test_acc') or float('nan')):.2f} %, {s.get('wall_seconds') or 0:.0f} s")
+                if running or pending:
+                    log(_progress_line(running, pending, durations, workers, runs_dir))
+                heartbeat = time.time()
     except KeyboardInterrupt:
         _stop(running, signal.SIGINT)
         raise
