@@ -242,7 +242,7 @@ def table_finding(runs: dict) -> str:
             parts.append(f"on {dataset}, SAM+AACE minus SAM is {100 * d['mean']:+.2f} points of test accuracy "
                          f"(95 % CI ± {100 * d['ci95']:.2f}, {d['n']} paired seeds, minimum detectable effect "
                          f"{100 * minimum_detectable_effect(d, ALPHA / len(diffs)):.1f} points): "
-                         f"{comparison_verdict(d, adjusted[dataset], EQUIVALENCE_MARGIN)}")
+                         f"{comparison_verdict(d, adjusted[dataset], EQUIVALENCE_MARGIN, family_size=len(diffs))}")
     note = f" (Holm-corrected over {len(diffs)} datasets)" if len(diffs) > 1 else ""
     return ("**Finding" + note + ":** " + "; ".join(parts) + ".") if parts else ""
 
