@@ -224,10 +224,12 @@ def table(page: str, profile: str, datasets=None, methods=("sgd", "sam", "aace")
     return runs, pd.DataFrame(rows).T
 
 
-def table_finding(runs: dict) -> str:
+def table_finding(runs: dict, declared: dict | None = None) -> str:
     """A table page's finding: per dataset, SAM+AACE against SAM (paired), what the comparison could see (the
     minimum detectable effect at the strictest Holm level of the page's datasets), and the declared rule's verdict
-    Holm-corrected over them."""
+    Holm-corrected over them. ``declared``: {dataset: the main comparison's verdict table} for the datasets whose
+    cells are the main comparison's runs: there the declared question's row is shown, so that every page gives
+    that comparison the same effect, MDE and verdict."""
     from .stats import EQUIVALENCE_MARGIN
     from .stats import ALPHA, comparison_verdict, holm, p_value
     diffs = {dataset: paired_difference(by_name["SAM"], by_name["SAM+AACE"], FINAL_TEST)
@@ -235,7 +237,15 @@ def table_finding(runs: dict) -> str:
     adjusted = dict(zip(diffs, holm([p_value(d) for d in diffs.values()])))
     parts = []
     for dataset, d in diffs.items():
-        if d["n"] < 2:
+        row = None
+        if declared and dataset in declared:
+            rows = declared[dataset][declared[dataset]["comparison"] == "SAM+AACE − SAM"]
+            row = None if rows.empty else rows.iloc[0]
+        if row is not None:
+            parts.append(f"on {dataset}, SAM+AACE minus SAM is {row['effect (points)']:+.2f} points of test accuracy "
+                         f"({row['paired seeds']} paired seeds, minimum detectable effect {row['MDE (points)']:.2f} "
+                         f"points; the main comparison's declared question): {row['verdict']}")
+        elif d["n"] < 2:
             parts.append(f"on {dataset}, SAM+AACE minus SAM is {100 * d['mean']:+.2f} points of test accuracy from "
                          f"{d['n']} seed: too few to tell a difference from noise")
         else:
