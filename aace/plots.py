@@ -59,7 +59,8 @@ def curves(runs_by_name: dict, columns: list[str], x: str = "epoch", table: str 
            log: tuple = (), title: str | None = None, smooth: int = 1):
     """One panel per column; for each name, the mean over its runs with a min-max band."""
     nrows = -(-len(columns) // ncols)
-    fig, axes = plt.subplots(nrows, ncols, figsize=(4.2 * ncols, 3.1 * nrows), squeeze=False)
+    height = 3.1 * nrows + 0.6  # the legend's own strip below the panels, clear of their x labels
+    fig, axes = plt.subplots(nrows, ncols, figsize=(4.2 * ncols, height), squeeze=False)
     handles = {}  # every method drawn in any panel, for one legend
     for ax, column in zip(axes.flat, columns):
         for name, runs in runs_by_name.items():
@@ -92,7 +93,40 @@ def curves(runs_by_name: dict, columns: list[str], x: str = "epoch", table: str 
     _legend(fig, handles)
     if title:
         fig.suptitle(title)
-    fig.tight_layout(rect=(0, 0.06, 1, 1))
+    fig.tight_layout(rect=(0, 0.6 / height, 1, 1))
+    return fig
+
+
+def paired_curves(runs_by_name: dict, baseline: str, column: str = "test_acc", scale: float = 100.0):
+    """Per epoch, each arm's paired difference from ``baseline`` (same seed), mean with its 95 % interval: the
+    view for a question about tenths of a point, which raw accuracy bands over seeds hide."""
+    from .stats import spread
+    fig, ax = plt.subplots(figsize=(8.4, 3.6))
+    base = {r.config.seed: r for r in runs_by_name[baseline]}
+    for name, runs in runs_by_name.items():
+        if name == baseline:
+            continue
+        pairs = [(r.metrics, base[r.config.seed].metrics) for r in runs if r.config.seed in base]
+        if not pairs:
+            continue
+        length = min(min(len(a), len(b)) for a, b in pairs)
+        diffs = np.stack([scale * (a[column].to_numpy(dtype=float)[:length] - b[column].to_numpy(dtype=float)[:length])
+                          for a, b in pairs])
+        xs = pairs[0][0]["epoch"].to_numpy()[:length]
+        scored = ~np.isnan(diffs).all(axis=0)
+        xs, diffs = xs[scored], diffs[:, scored]
+        stats_ = [spread(col[~np.isnan(col)]) for col in diffs.T]
+        mean = np.array([s["mean"] for s in stats_])
+        half = np.array([s["ci95"] if s["n"] > 1 else 0.0 for s in stats_])
+        ax.plot(xs, mean, color=color_for(name), marker=marker_for(name), markersize=4,
+                label=f"{name} − {baseline} (n={len(pairs)} seeds)")
+        ax.fill_between(xs, mean - half, mean + half, color=color_for(name), alpha=0.15)
+    ax.axhline(0.0, color="k", lw=1)
+    ax.set_xlabel("epoch")
+    ax.set_ylabel(f"paired difference in {LABELS.get(column, column).replace(' (%)', '')} (points)")
+    ax.grid(alpha=0.3)
+    ax.legend(frameon=False, fontsize=8, loc="upper center", bbox_to_anchor=(0.5, -0.18), ncol=2)
+    fig.tight_layout()
     return fig
 
 
@@ -104,6 +138,7 @@ def histograms(values_by_name: dict, xlabel: str, bins: int = 30, log: bool = Tr
         ax.hist(values, bins=edges, alpha=0.5, label=name, color=color_for(name))
     if log:
         ax.set_xscale("log")
+        ax.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())  # minor labels overlap on a log axis
     ax.set_xlabel(xlabel)
     ax.set_ylabel("steps")
     ax.legend(frameon=False)
