@@ -38,7 +38,8 @@ class Testbed:
 # Per book profile, its testbeds: the cpu profile's are the reference studies; the smoke profile's, their
 # seconds-long copies, committed as the nbval fixture (make nbval-fixture).
 REFERENCES = {
-    "cpu": {"clean": Testbed("clean", "cpu-reference", "results/cpu-fashion-mnist", "clean labels", 0.5),
+    "cpu": {"clean": Testbed("clean", "cpu-reference", "results/cpu-fashion-mnist", "clean labels", 0.5,
+                             "030b82a266c330fcfb6212853e1db3c1b988f672daa8d9487c785be30009fb07"),
             "noise": Testbed("noise", "cpu-noise-power", "results/cpu-fashion-mnist-noise-50", "40 % label noise", 1.0,
                              "725dbc9b8fe5875ea6bd00ef8522786cf604ab6c0dad8595b3e894bb5315c403")},
     "smoke": {"clean": Testbed("clean", "smoke", "tests/fixtures/study-smoke", "clean labels", None,
