@@ -32,6 +32,7 @@ nbval-fixture:
 	  --export tests/fixtures/study-smoke
 	$(PY) -m aace study --profile smoke-noise --workers 2 --runs-dir /tmp/aace-study-smoke \
 	  --export tests/fixtures/study-smoke-noise
+	$(PY) scripts/pins.py --write-fixtures
 	env -u AACE_FROZEN_RUNS AACE_CHECKPOINT_LOG=/tmp/aace-checkpoints-read $(PY) -m aace book --profile smoke \
 	  --rerun --no-build --runs-dir tests/fixtures/runs --output-dir tests/nbval
 	find tests/fixtures/runs -name lock -delete

@@ -93,6 +93,11 @@ def git_differences(directory: Path) -> list[str]:
             f"{directory.relative_to(ROOT)}` (and remove what git does not know)"]
 
 
+def warnings(profile: str = "cpu") -> list[str]:
+    """What a page says above its numbers: each testbed export that differs from what git has committed."""
+    return [w for bed in testbeds(profile).values() for w in git_differences(ROOT / bed.export)]
+
+
 def testbeds(profile: str) -> dict:
     if profile not in REFERENCES:
         raise ValueError(f"parameter 'profile': the reference studies exist for {list(REFERENCES)}, got {profile!r}")
@@ -118,7 +123,7 @@ def read(testbed: str, profile: str = "cpu"):
     if not (directory / "study.json").is_file():
         return None, [], [f"`{beds[testbed].export}` holds no export yet; `python -m aace study --profile "
                           f"{beds[testbed].plan} --workers 2 --export {beds[testbed].export}` makes it"]
-    problems = pin_problems(directory, beds[testbed].digest) + git_differences(directory)
+    problems = pin_problems(directory, beds[testbed].digest)
     if problems:
         return None, [], problems
     study, runs, problems = read_export(directory, __version__)
