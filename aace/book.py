@@ -245,7 +245,12 @@ def record_page(output_dir: Path, name: str, parameters: dict, seconds: float, l
         pass
     trained = kinds.get("trained", set())
     stored = trained | kinds.get("store", set())
-    report[name] = {"store_runs": _store_digests(stored), "seconds": seconds, "parameters": parameters, "runs_trained": len(trained),
+    import platform
+
+    import torch
+    report[name] = {"store_runs": _store_digests(stored), "seconds": seconds,
+                    "runs": sorted(Path(p).name for p in stored | kinds.get("export", set())),
+                    "python": platform.python_version(), "torch": torch.__version__, "parameters": parameters, "runs_trained": len(trained),
                     "runs_read_from_store": len(kinds.get("store", set()) - trained),
                     "runs_read_from_exports": len(kinds.get("export", set())),
                     "executed": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "machine": machine(),
@@ -273,9 +278,25 @@ def hide_parameter_cells(path: Path) -> None:
 
 
 def build_book(path: str | os.PathLike = ROOT) -> None:
-    """``jupyter-book build PATH -W -n --keep-going``: warnings are errors."""
+    """``jupyter-book build PATH -W -n --keep-going``: warnings are errors. The footer names the commit and the
+    date of the build (a generated copy of _config.yml beside the build)."""
+    import datetime
+
+    import yaml
+
+    from .results import git_commit
+    path = Path(path)
+    config = yaml.safe_load((path / "_config.yml").read_text())
+    built = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
+    config.setdefault("html", {})["extra_footer"] = (f"<p>Built {built} from commit <code>{git_commit()[:12]}"
+                                                     f"</code>; every number on these pages comes from that "
+                                                     f"commit's code and exports.</p>")
+    generated = path / "_build" / "_config.generated.yml"
+    generated.parent.mkdir(parents=True, exist_ok=True)
+    generated.write_text(yaml.safe_dump(config, sort_keys=False))
     jupyter_book = Path(sys.executable).parent / "jupyter-book"
-    subprocess.run([str(jupyter_book), "build", str(path), "-W", "-n", "--keep-going"], check=True)
+    subprocess.run([str(jupyter_book), "build", str(path), "--config", str(generated), "-W", "-n", "--keep-going"],
+                   check=True)
 
 
 def page_list() -> str:

@@ -27,7 +27,7 @@ pytestmark = pytest.mark.skipif(not (CHROMIUM and CHROMEDRIVER),
 @pytest.fixture(scope="module")
 def html(tmp_path_factory):
     root = tmp_path_factory.mktemp("smoke-book")
-    for name in ("_config.yml", "_toc.yml"):
+    for name in ("_config.yml", "_toc.yml", "references.bib"):
         shutil.copy(ROOT / name, root / name)
     (root / "book").mkdir()
     for page in (ROOT / "book").glob("*.md"):
@@ -159,3 +159,28 @@ def test_formulas_render_without_internet(html, browser):
     assert browser.script("return Array.from(document.scripts).some(s => /mathjax/i.test(s.src) && "
                           "s.src.startsWith('file:'))")
     assert "\\(" not in browser.script("return document.querySelector('main').innerText")
+
+
+# Raw Python a reader did not ask for, in the pages' prose (issue 32, item 4).
+RAW_REPRS = ("[0, 1, 2", "{'", "fashion_mnist", "no_cutout", " None", " True", " False", "seed(s)", " 1 runs",
+             "the The ")
+# Pages whose code a reader would copy: the rest show no code outside a collapsed cell.
+CODE_PAGES = {"aace_loss", "own_training_loop", "claims"}
+
+
+@pytest.mark.parametrize("page", PAGES)
+def test_prose_holds_no_raw_python_and_code_shows_only_where_a_reader_copies_it(html, browser, page):
+    file = html / "book" / f"{page}.html"
+    browser.get(file.as_uri())
+    for _ in range(100):
+        if browser.script("return document.readyState") == "complete":
+            break
+        time.sleep(0.1)
+    prose = browser.script("return Array.from(document.querySelectorAll('main p, main li')).filter("
+                           "p => !p.closest('.cell_input, pre, table')).map(p => p.innerText).join('\\n')")
+    found = [raw.strip() for raw in RAW_REPRS if raw in prose]
+    assert not found, f"{page}: raw Python in the prose: {found}"
+    visible = browser.script("return Array.from(document.querySelectorAll('main .cell_input')).filter("
+                             "c => !c.closest('details') && c.offsetParent !== null).length")
+    if page not in CODE_PAGES:
+        assert visible == 0, f"{page}: {visible} code cell(s) shown that a reader did not ask for"

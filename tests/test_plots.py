@@ -67,3 +67,24 @@ def test_tuning_curves_label_the_grid_plainly_and_circle_the_chosen_rho():
     circled = [c for c in fig.axes[0].collections if c.get_sizes()[0] == 160]
     assert np.allclose([c.get_offsets()[0] for c in circled], [(0.5, 85.0), (0.02, 80.2)])
     matplotlib.pyplot.close(fig)
+
+
+def test_every_figure_draws_each_arm_in_its_colour():
+    """The figures the pages draw, with the reference studies' arm names: each arm in PALETTE's colour."""
+    names = list(plots.PALETTE)
+    runs = {name: [fake([0.1, 0.2, 0.3], seed=s) for s in range(3)] for name in names}
+    for fig, panel in ((plots.curves(runs, ["test_acc"], ncols=1), 0),
+                       (plots.paired_curves(runs, "SAM", "test_acc"), 0)):
+        for line in fig.axes[panel].lines:
+            label = line.get_label()
+            name = label.split(" − ")[0].split(" (n=")[0]
+            if name in plots.PALETTE:
+                assert mcolors.to_hex(line.get_color()) == mcolors.to_hex(plots.PALETTE[name]), label
+    frame = pd.DataFrame([{"arm": n, "rho": r, "field": "rho", "seed": 0, "val_acc": 0.5, "train_acc": 0.6}
+                          for n in names[2:5] for r in (0.05, 0.1)])
+    fig = plots.tuning(frame, {})
+    drawn_ = {line.get_label(): line for line in fig.axes[0].lines}
+    for line in fig.axes[0].lines:
+        assert mcolors.to_hex(line.get_color()) in {mcolors.to_hex(plots.PALETTE[n]) for n in names[2:5]}
+    assert len(drawn_) == 3 and len(set(plots.PALETTE.values())) == len(plots.PALETTE)  # one colour per arm
+    assert len(set(plots.MARKERS.values())) == len(plots.MARKERS) and set(plots.MARKERS) == set(plots.PALETTE)

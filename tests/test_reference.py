@@ -226,3 +226,21 @@ def test_the_readme_s_results_are_the_exports():
     assert begin >= 0 and end > begin, "README.md has no generated results block"
     assert text[begin:end + len(reference.README_END)] == reference.results_markdown(), \
         "README's results block differs from the exports: run python scripts/readme_results.py"
+
+
+@pytest.mark.parametrize("direction,length,expected", [(0.02, 0.0, "direction"), (0.0, 0.02, "length"),
+                                                         (0.02, 0.02, "both"), (0.0, 0.0, "neither")])
+def test_direction_versus_length_reads_as_declared(direction, length, expected):
+    """Crossed arms with a chosen direction effect (normalised AACE over SAM at equal rho) and length effect (SAM at
+    the larger rho over SAM): the third question's reading follows its verdicts."""
+    f = finals({"sgd": (0, 0), "sam": (0.02, 0.002), "aace": (0.03, 0.002),
+                "aace_normalised_at_sam_rho": (0.02 + direction, 0.002),
+                "sam_at_normalised_rho": (0.02 + length, 0.002),
+                "aace_normalised": (0.02 + length + direction, 0.002)})
+    table = verdicts.verdicts(f)
+    third = table[table["question"] == "direction vs step length"]
+    assert len(third) == 3 and third["comparison"].tolist() == [
+        "SAM+AACE normalised at SAM's rho − SAM", "SAM+AACE, normalised step − SAM at normalised AACE's rho",
+        "SAM at normalised AACE's rho − SAM"]
+    assert verdicts.reading(table) == expected
+    assert verdicts.reading(verdicts.verdicts({k: v for k, v in f.items() if "_rho" not in k})) is None
