@@ -280,6 +280,8 @@ def published_table(family: str, datasets=PAPER_DATASETS):
     the setting and the test accuracy first (derived from an error rate where that is what was published),
     the source last."""
     import pandas as pd
+
+    from .formatting import count
     frames = [published_for(d, family) for d in datasets]
     rows = pd.concat(frames).drop_duplicates() if frames else published_results().iloc[:0]
 
@@ -298,10 +300,27 @@ def published_table(family: str, datasets=PAPER_DATASETS):
     out = pd.DataFrame({"method": rows["method"], "dataset": rows["dataset"].str.replace(";", ", "),
                         "model": rows["model"].str.replace(";", ", "), "test acc. %": rows.apply(accuracy, axis=1),
                         "spread, runs": rows.apply(lambda r: ", ".join(p for p in (r["spread"], r["n_runs"] and
-                                                                                  f"{r['n_runs']} runs") if p), axis=1),
+                                                                                  count(int(r["n_runs"]), "run")) if p),
+                                                   axis=1),
+                        "augmentation": rows["augmentation"].replace("", "not stated"),
                         "setting": rows.apply(setting, axis=1),
                         "source": rows["source"].map(source)})
     return out.set_index("method")
+
+
+def cell_status(runs: dict, profile: str, datasets=PAPER_DATASETS):
+    """Per cell of the paper's table (data set x method), what this book did with it: reproduced at the paper's
+    scale (the paper profile ran it), an indication at small scale (another profile ran it), or not attempted."""
+    import pandas as pd
+
+    from .formatting import dataset as dataset_name
+    rows = {}
+    for d in datasets:
+        ran = runs.get(d, {})
+        rows[dataset_name(d)] = {m: ("reproduced at the paper's scale" if profile == "paper" else
+                                     f"indication at small scale ({profile} profile)") if m in ran else "not attempted"
+                                 for m in ("SGD", "SAM", "SAM+AACE")}
+    return pd.DataFrame(rows).T
 
 
 def last_quarter(runs: list[Run], column: str) -> dict:
