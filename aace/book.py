@@ -40,7 +40,7 @@ def _interrupts_reach_the_kernel():
     """Ctrl-C (or SIGTERM) while a page executes is passed to its kernel as an interrupt, so that the cell stops
     the way a run expects (its runs recorded as interrupted) and papermill ends cleanly; it is repeated every
     few seconds while the page still runs, and the signal is raised once papermill has returned. A second
-    Ctrl-C stops at once."""
+    Ctrl-C kills the kernel, so that papermill returns at once, and ends the same way."""
     got = {}
 
     def forward():
@@ -54,9 +54,13 @@ def _interrupts_reach_the_kernel():
                 return
 
     def handler(signum, frame):
-        if "signal" in got:
-            signal.signal(signal.SIGINT, signal.default_int_handler)
-            raise KeyboardInterrupt
+        if "signal" in got:  # a second one: the kernel is killed, and papermill returns on its death at once,
+            for pid in _kernels():  # never interrupted inside its event loop (that printed zmq's traceback)
+                try:
+                    os.killpg(pid, signal.SIGKILL)
+                except (ProcessLookupError, PermissionError):
+                    pass
+            return
         got["signal"], got["stop"] = signum, threading.Event()
         threading.Thread(target=forward, daemon=True).start()
     previous = {s: signal.signal(s, handler) for s in (signal.SIGINT, signal.SIGTERM)}
@@ -198,6 +202,9 @@ def execute_notebooks(profile: str, names: list[str] | None = None, parameters: 
                 except papermill.PapermillExecutionError as err:
                     if "signal" not in got:
                         raise PageFailed(name, err.ename, err.evalue) from err
+                except Exception:  # a kernel killed by a second Ctrl-C: the signal is what ends the page
+                    if "signal" not in got:
+                        raise
             if "signal" in got:
                 raise KeyboardInterrupt if got["signal"] == signal.SIGINT else Terminated()
             hide_parameter_cells(partial)

@@ -186,7 +186,8 @@ def _study(args, argv) -> int:
     for directory in [*([args.export] if args.export else []), *args.resume_from]:
         if not directory or not Path(directory).is_dir() and directory in args.resume_from:
             raise ValueError(f"--resume-from {directory!r}: expected the folder of an export")
-        finder, history = runs_in_export(directory, reference.pinned_digest(directory), args.runs_dir)
+        finder, history = runs_in_export(directory, reference.pinned_digest(directory), args.runs_dir,
+                                         check_store=True)
         if finder is None and directory in args.resume_from:
             raise ValueError(f"--resume-from {directory}: holds no export (no study.json)")
         if finder is not None:

@@ -253,6 +253,13 @@ def check_export(directory, version: str | None = None, choices: bool = True) ->
     return problems
 
 
+def _results(run_) -> tuple:
+    """What a run computed, without its timings: its summary's accuracies and losses, its metrics' columns."""
+    summary = {k: v for k, v in run_.summary.items() if k.endswith(("_acc", "_loss")) or k in ("status", "epochs")}
+    metrics = run_.metrics.drop(columns=[c for c in ("epoch_seconds", "images_per_second") if c in run_.metrics])
+    return json.dumps(summary, sort_keys=True), metrics.to_csv(index=False)
+
+
 def unknown_content(directory: Path, files: dict, names: list) -> list[str]:
     """Everything under an export that its study.json does not record: a finding, never ignored."""
     known_dirs = {"runs", *(f"runs/{n}" for n in names)}
@@ -268,12 +275,13 @@ def unknown_content(directory: Path, files: dict, names: list) -> list[str]:
     return out
 
 
-def runs_in_export(directory, pinned: str | None = None, runs_dir=None):
+def runs_in_export(directory, pinned: str | None = None, runs_dir=None, check_store: bool = False):
     """For a study that resumes from an export: a function config -> that config's run read in place from the
     export (or None), and the export's invocation history. Refuses a damaged export (``check_export``), one whose
-    record digest is not ``pinned`` (the pin of the reference study exported there, ``aace.reference``), and, run
-    by run, one whose copy disagrees with the store's copy of the same run: an export never overrides a stored
-    run, nor is a forged one laundered into a fresh export."""
+    record digest is not ``pinned`` (the pin of the reference study exported there, ``aace.reference``), and, with
+    ``check_store`` (a study resuming), run by run, one whose results disagree with the store's copy of the same
+    run: an export never overrides a stored run, nor is a forged one laundered into a fresh export. (A page
+    reading a pinned export does not ask: its store may hold the same config retrained on another machine.)"""
     from .store import CorruptRun, default_runs_dir, run_dir
     from .train import resolve_device
     directory = Path(directory)
@@ -295,27 +303,24 @@ def runs_in_export(directory, pinned: str | None = None, runs_dir=None):
         if name not in names:
             return None
         exported, stored = directory / "runs" / name, run_dir(config, device, store)
-        if (stored / "summary.json").is_file():
-            for file in ("summary.json", "metrics.csv"):
-                if not (stored / file).is_file() or (stored / file).read_bytes() != (exported / file).read_bytes():
-                    raise CorruptRun(f"{exported / file} and the stored run's {stored / file} disagree: one of them "
-                                     f"was changed. Keep the one you trust, move the other away, and run again")
-        return _load_exported(exported)
+        run_ = _load_exported(exported)
+        if check_store and (stored / "summary.json").is_file():
+            from .store import load_run
+            try:
+                other = load_run(stored, with_steps=False)
+            except CorruptRun:
+                other = None
+            if other is None or other.finished and _results(other) != _results(run_):
+                raise CorruptRun(f"{exported} and the stored run {stored} disagree on its results: one of them was "
+                                 f"changed, or the two were trained on different kinds of machine (config.json says "
+                                 f"where). Keep the one you trust, move the other away, and run again")
+        return run_
     return found, study["invocations"]
 
 
 
 # ----------------------------------------------------------------------------- what the book shows
 
-# Where the book looks for the GPU study's export, per profile (the smoke pages read a fixture export).
-EXPORTS = {"smoke": "tests/fixtures/study-smoke"}
-DEFAULT_EXPORT = "results/gpu-fashion-mnist"
-from .stats import EQUIVALENCE_MARGIN  # noqa: E402 - the book's rule, named where the statistics are
-
-
-def export_for(profile: str) -> Path:
-    from .paths import ROOT
-    return ROOT / EXPORTS.get(profile, DEFAULT_EXPORT)
 
 
 def final_runs(study: dict, runs) -> dict:
@@ -356,42 +361,3 @@ def verdict_tables(finals: dict):
              "MDE (80 % power)": f"{r['MDE (points)']:.2f}", "Holm p": f"{r['Holm-adjusted p']:.2g}",
              "verdict": r["verdict"]} for _, r in table.iterrows()]
     return arms, pd.DataFrame(rows).set_index("comparison")
-
-
-def provenance(study: dict) -> str:
-    """One paragraph: where, when, with what and by which command the export was made."""
-    gpu = study.get("invocations", [{}])[-1].get("gpu") or {}
-    use = f", mean GPU utilisation {gpu['mean_utilisation_percent']:.0f} %" if gpu else ""
-    return (f"Ran on {', '.join(study['devices'])} with aace {study['aace_version']} at commit "
-            f"`{study['git_commit'][:12]}`, exported {study['exported'][:10]}; {len(study['runs'])} runs in "
-            f"{study['wall_seconds'] / 60:.1f} minutes of wall time over {len(study['invocations'])} invocation(s)"
-            f"{use}. Reproduce with `{study['command']}`.")
-
-
-def gpu_scale_section(profile: str) -> tuple[str, list]:
-    """(a paragraph of Markdown, the tables) for a page's "GPU scale" section, or a paragraph saying that no
-    export exists yet and the command that makes one."""
-    from .experiments import describe
-    from . import __version__
-    directory = export_for(profile)
-    study, runs, problems = read_export(directory, __version__)
-    if problems and (directory / "study.json").is_file():
-        return (f"**The export `{directory.relative_to(directory.parent.parent)}` cannot be shown:** "
-                + "; ".join(problems[:5]) + (f" (and {len(problems) - 5} more)" if len(problems) > 5 else "")
-                + ". Restore it from git (`git checkout -- <folder>`) or make it again with the study's command.", [])
-    if study is not None and not study["complete"]:
-        return (f"**The GPU-scale study is not complete yet:** `{DEFAULT_EXPORT}` holds {len(runs)} of its runs. "
-                f"Run `{study['command']}` to finish it (it resumes from the export).", [])
-    if study is None:
-        return (f"**No GPU-scale results yet:** `{DEFAULT_EXPORT}` holds no export. One command on a GPU makes "
-                f"it (about 20 minutes on one H100 or H200): `python -m aace study --profile gpu --workers 6 "
-                f"--export {DEFAULT_EXPORT}`; the GPU page says more.", [])
-    first = runs[0]
-    chosen = ", ".join(f"{ALL_ARMS[k].name} {v['rho']:g}" for k, v in study["chosen"].items())
-    text = (f"**Setting:** {first.config.dataset}, {describe(first.config)}, {first.info.get('val_size', 0)} "
-            f"validation images; rho tuned per method on the validation split over {study['plan']['rhos']} with "
-            f"seeds {study['plan']['tuning_seeds']}, chosen: {chosen}; then seeds {study['plan']['final_seeds']} "
-            f"at the chosen rhos, test accuracy on {first.info.get('test_size')} test images. Verdicts by the "
-            f"declared rule: Holm within each question, 'equivalent' by TOST within ±{100 * EQUIVALENCE_MARGIN:.1f} "
-            f"points. " + provenance(study))
-    return text, list(verdicts(study, runs))

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 import aace
-from aace import results
+from aace import gpu_scale, results
 from aace.config import RunConfig, profile_config
 from aace.store import MissingRun, load_run, run_dir
 from aace.train import run
@@ -65,7 +65,7 @@ def test_fixture_store_is_current():
 @pytest.mark.skipif(not (FIXTURES / "study-smoke").is_dir(), reason="no fixture export")
 def test_fixture_export_passes_its_integrity_check_and_the_book_section_reads_it():
     assert results.check_export(FIXTURES / "study-smoke") == []
-    text, tables = results.gpu_scale_section("smoke")
+    text, tables = gpu_scale.gpu_scale_section("smoke")
     assert text.startswith("**Setting:**") and "Reproduce with `python -m aace study --profile smoke" in text
     arms, comparisons = tables
     assert list(comparisons.index) == ["SAM − SGD", "SAM+AACE − SAM", "SAM+AACE, normalised step − SAM"]
@@ -75,8 +75,8 @@ def test_fixture_export_passes_its_integrity_check_and_the_book_section_reads_it
 
 
 def test_book_section_says_plainly_when_no_export_exists(monkeypatch, tmp_path):
-    monkeypatch.setitem(results.EXPORTS, "cpu", str(tmp_path / "nothing-here"))
-    text, tables = results.gpu_scale_section("cpu")
+    monkeypatch.setitem(gpu_scale.EXPORTS, "cpu", str(tmp_path / "nothing-here"))
+    text, tables = gpu_scale.gpu_scale_section("cpu")
     assert text.startswith("**No GPU-scale results yet:**") and "python -m aace study --profile gpu" in text
     assert tables == []
 

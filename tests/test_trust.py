@@ -69,7 +69,7 @@ def test_resume_stops_where_an_export_and_the_store_disagree(tmp_path):
     run_ = forge(export)
     store = tmp_path / "runs"
     shutil.copytree(FIXTURE / "runs" / run_, store / run_)  # the genuine run, stored
-    found, _ = results.runs_in_export(export, None, store)  # unpinned: its own digests hold
+    found, _ = results.runs_in_export(export, None, store, check_store=True)  # unpinned: its own digests hold
     config = results.load_export(FIXTURE)[1][0].config
     configs = {r.path.name: r.config for r in results.load_export(FIXTURE)[1]}
     with pytest.raises(CorruptRun) as err:
