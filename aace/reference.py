@@ -43,9 +43,9 @@ REFERENCES = {
             "noise": Testbed("noise", "cpu-noise-power", "results/cpu-fashion-mnist-noise-50", "40 % label noise", 1.0,
                              "725dbc9b8fe5875ea6bd00ef8522786cf604ab6c0dad8595b3e894bb5315c403")},
     "smoke": {"clean": Testbed("clean", "smoke", "tests/fixtures/study-smoke", "clean labels", None,
-                               "7733a6614d98772b5e34d53f4616967304bcc974deb90cc137ebeb712c661744"),
+                               "febb7e03baec3e2ce0d1dccf8b53b891e1f6487f810ec9ba50ee3c81665aaf29"),
               "noise": Testbed("noise", "smoke-noise", "tests/fixtures/study-smoke-noise", "40 % label noise", None,
-                               "af6de6b88bc9bf4cac59c2e71ae439cc43f9286aadc449d248d7c92bf7256542")},
+                               "10048f2f714285fe3548f9a1f49fb112a14ea276e356f7e7f031b14045e8c87b")},
 }
 TESTBEDS = REFERENCES["cpu"]
 
