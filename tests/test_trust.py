@@ -96,17 +96,19 @@ def test_content_an_export_does_not_record_is_a_finding(tmp_path, extra, words):
 def test_an_export_that_differs_from_git_is_named(tmp_path, monkeypatch):
     import subprocess
     root = tmp_path / "repo"
-    shutil.copytree(FIXTURE, root / "tests/fixtures/study-smoke")
+    shutil.copytree(FIXTURE, root / "results/study-smoke")
+    monkeypatch.setitem(reference.REFERENCES["smoke"], "clean", reference.Testbed(
+        "clean", "smoke", "results/study-smoke", "clean labels", None, reference.REFERENCES["smoke"]["clean"].digest))
     git = ["git", "-c", "user.name=t", "-c", "user.email=t@t", "-C", str(root)]
     subprocess.run(git + ["init", "-q"], check=True)
     subprocess.run(git + ["add", "-A"], check=True)
     subprocess.run(git + ["commit", "-qm", "fixture"], check=True)
     monkeypatch.setattr(reference, "ROOT", root)
     assert reference.warnings("smoke") == []
-    (root / "tests/fixtures/study-smoke/notes.txt").write_text("x")
+    (root / "results/study-smoke/notes.txt").write_text("x")
     said = reference.warnings("smoke")
     assert len(said) == 1 and "differs from what git has committed" in said[0]
-    assert "tests/fixtures/study-smoke/notes.txt" in said[0]
+    assert "results/study-smoke/notes.txt" in said[0]
     assert any("notes.txt: a file the export does not record" in p for p in reference.read("clean", "smoke")[2])
 
 
