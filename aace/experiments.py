@@ -4,6 +4,7 @@ from __future__ import annotations
 import math
 import os
 
+from . import formatting as fmt
 from .config import Arm, RunConfig, profile_config  # Arm: the pages call it as ex.Arm
 from .stats import minimum_detectable_effect, spread  # spread: the pages call it as ex.spread
 from .store import Run
@@ -242,14 +243,14 @@ def table_finding(runs: dict, declared: dict | None = None) -> str:
             rows = declared[dataset][declared[dataset]["comparison"] == "SAM+AACE − SAM"]
             row = None if rows.empty else rows.iloc[0]
         if row is not None:
-            parts.append(f"on {dataset}, SAM+AACE minus SAM is {row['effect (points)']:+.2f} points of test accuracy "
+            parts.append(f"on {fmt.dataset(dataset)}, SAM+AACE minus SAM is {row['effect (points)']:+.2f} points of test accuracy "
                          f"({row['paired seeds']} paired seeds, minimum detectable effect {row['MDE (points)']:.2f} "
                          f"points; the main comparison's declared question): {row['verdict']}")
         elif d["n"] < 2:
-            parts.append(f"on {dataset}, SAM+AACE minus SAM is {100 * d['mean']:+.2f} points of test accuracy from "
+            parts.append(f"on {fmt.dataset(dataset)}, SAM+AACE minus SAM is {100 * d['mean']:+.2f} points of test accuracy from "
                          f"{d['n']} seed: too few to tell a difference from noise")
         else:
-            parts.append(f"on {dataset}, SAM+AACE minus SAM is {100 * d['mean']:+.2f} points of test accuracy "
+            parts.append(f"on {fmt.dataset(dataset)}, SAM+AACE minus SAM is {100 * d['mean']:+.2f} points of test accuracy "
                          f"(95 % CI ± {100 * d['ci95']:.2f}, {d['n']} paired seeds, minimum detectable effect "
                          f"{100 * minimum_detectable_effect(d, ALPHA / len(diffs)):.1f} points): "
                          f"{comparison_verdict(d, adjusted[dataset], EQUIVALENCE_MARGIN, family_size=len(diffs))}")
@@ -265,7 +266,7 @@ def setting_text(runs: dict, profile: str) -> str:
         seeds = len(first)
         fit = ", ".join(f"{name} {100 * spread(final(rs, 'train_acc'))['mean']:.1f} %" for name, rs in by_name.items())
         rhos = ", ".join(f"{name} {rs[0].config.rho:g}" for name, rs in by_name.items() if rs[0].config.method != "sgd")
-        lines.append(f"**{dataset}** (profile `{profile}`): {describe(first[0].config)}; "
+        lines.append(f"**{fmt.dataset(dataset)}** (profile `{profile}`): {describe(first[0].config)}; "
                      f"{seeds} seed{'s' if seeds > 1 else ''} per cell; rho {rhos}; test accuracy on "
                      f"{final_test_size(first[0]):,} test images; final training accuracy {fit} "
                      f"(how far each method trained)")
@@ -297,14 +298,13 @@ def published_table(family: str, datasets=PAPER_DATASETS):
     def source(text):  # "Author year (paper), where": the where shortened to what a reader looks up
         who, _, where = text.partition(", ")
         return f"{who}, {'training logs' if 'logs' in where else where}" if where else who
-    out = pd.DataFrame({"method": rows["method"], "dataset": rows["dataset"].str.replace(";", ", "),
-                        "model": rows["model"].str.replace(";", ", "), "test acc. %": rows.apply(accuracy, axis=1),
-                        "spread, runs": rows.apply(lambda r: ", ".join(p for p in (r["spread"], r["n_runs"] and
-                                                                                  count(int(r["n_runs"]), "run")) if p),
-                                                   axis=1),
+    def shown(row):
+        spread = ", ".join(p for p in (row["spread"], row["n_runs"] and count(int(row["n_runs"]), "run")) if p)
+        return accuracy(row) + (f" ({spread})" if spread else "")
+    out = pd.DataFrame({"method": rows["method"], "data, model": rows["dataset"].str.replace(";", ", ") + "; "
+                        + rows["model"].str.replace(";", ", "), "test acc. %": rows.apply(shown, axis=1),
                         "augmentation": rows["augmentation"].replace("", "not stated"),
-                        "setting": rows.apply(setting, axis=1),
-                        "source": rows["source"].map(source)})
+                        "setting": rows.apply(setting, axis=1), "source": rows["source"].map(source)})
     return out.set_index("method")
 
 

@@ -41,3 +41,9 @@ def values(items) -> str:
 def count(n: int, word: str, plural: str | None = None) -> str:
     """'1 seed', '3 seeds', '1 run'."""
     return f"{n} {word if n == 1 else plural or word + 's'}"
+
+
+def settings(items: dict) -> str:
+    """RunConfig fields as prose: 'epochs 2, validation split none'."""
+    return ", ".join(f"{k.replace('_subset', ' split').replace('_', ' ')} {'none' if v is None else v}"
+                     for k, v in (items or {}).items())

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from . import formatting as fmt
 from .results import read_export, verdicts
 from .stats import EQUIVALENCE_MARGIN
 from .study import ALL_ARMS
@@ -48,7 +49,7 @@ def gpu_scale_section(profile: str) -> tuple[str, list]:
                 f"--export {DEFAULT_EXPORT}`; the GPU page says more.", [])
     first = runs[0]
     chosen = ", ".join(f"{ALL_ARMS[k].name} {v['rho']:g}" for k, v in study["chosen"].items())
-    text = (f"**Setting:** {first.config.dataset}, {describe(first.config)}, {first.info.get('val_size', 0)} "
+    text = (f"**Setting:** {fmt.dataset(first.config.dataset)}, {describe(first.config)}, {first.info.get('val_size', 0)} "
             f"validation images; rho tuned per method on the validation split over {study['plan']['rhos']} with "
             f"seeds {study['plan']['tuning_seeds']}, chosen: {chosen}; then seeds {study['plan']['final_seeds']} "
             f"at the chosen rhos, test accuracy on {first.info.get('test_size')} test images. Verdicts by the "

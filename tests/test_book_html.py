@@ -177,7 +177,8 @@ def test_prose_holds_no_raw_python_and_code_shows_only_where_a_reader_copies_it(
             break
         time.sleep(0.1)
     prose = browser.script("return Array.from(document.querySelectorAll('main p, main li')).filter("
-                           "p => !p.closest('.cell_input, pre, table')).map(p => p.innerText).join('\\n')")
+                           "p => !p.closest('.cell_input, pre, table')).map(p => { const c = p.cloneNode(true); "
+                           "c.querySelectorAll('code').forEach(e => e.remove()); return c.textContent; }).join('\\n')")
     found = [raw.strip() for raw in RAW_REPRS if raw in prose]
     assert not found, f"{page}: raw Python in the prose: {found}"
     visible = browser.script("return Array.from(document.querySelectorAll('main .cell_input')).filter("
