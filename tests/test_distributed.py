@@ -143,4 +143,6 @@ def test_killing_one_rank_fails_the_job_cleanly_with_the_checkpoint_intact(tmp_p
     (run_dir,) = [d for d in tmp_path.iterdir() if d.is_dir()]
     checkpoint = store.load_checkpoint(run_dir, torch.device("cpu"))  # checksum verified
     assert 1 <= checkpoint["epoch"] < 30
-    assert json.loads((run_dir / "summary.json").read_text())["status"] == "running"
+    # rank 0 is stopped by torchrun: by its SIGTERM (and then records 'interrupted') or, under load, by the SIGKILL
+    # that follows before it could (and then 'running', shown as stale): either is the truth, timing decides which
+    assert json.loads((run_dir / "summary.json").read_text())["status"] in ("running", "interrupted")
