@@ -184,7 +184,7 @@ def _study(args, argv) -> int:
     if args.export:  # before any training: a study of hours must not end on an unusable --export
         _check_target(Path(args.export).absolute(), {"profile": args.profile, "plan": study._plan_record(plan)})
     for directory in [*([args.export] if args.export else []), *args.resume_from]:
-        if not directory or not Path(directory).is_dir() and directory in args.resume_from:
+        if directory in args.resume_from and not Path(directory).is_dir():
             raise ValueError(f"--resume-from {directory!r}: expected the folder of an export")
         finder, history = runs_in_export(directory, reference.pinned_digest(directory), args.runs_dir,
                                          check_store=True)
