@@ -17,6 +17,7 @@ from .study import PLANS
 
 EXIT_HELP = """exit codes: 0 done; 1 the run diverged; 2 bad option or setting; 3 dataset missing or damaged;
 4 run store damaged or not found; 5 cannot write (disk full, permissions); 6 study stopped at --stop-after;
+7 a Slurm job failed, was cancelled or timed out, or the runs waited past --slurm-pending-limit;
 130 interrupted (SIGINT); 143 terminated (SIGTERM). Interrupted runs resume with the same command."""
 
 
@@ -71,7 +72,8 @@ def main(argv: list[str] | None = None) -> int:
     study = sub.add_parser("study", help="the tuned comparison: rho grid on a validation split, then fresh seeds")
     study.add_argument("--profile", default="gpu", choices=tuple(PLANS), help="the study: a profile's plan (cpu-reference: the clean reference study, on the cpu profile)")
     study.add_argument("--runs-dir", default=None)
-    study.add_argument("--workers", type=int, default=1, help="runs at once (processes sharing the device)")
+    study.add_argument("--workers", type=int, default=None, help="runs at once (processes sharing the device; "
+                       "default 1; local executor only)")
     study.add_argument("--stop-after", type=float, default=None, metavar="MINUTES",
                        help="start no new run after this many minutes (the study resumes when run again)")
     study.add_argument("--export", default=None, metavar="DIR", help="when complete, export the study to DIR")
@@ -79,6 +81,12 @@ def main(argv: list[str] | None = None) -> int:
                        help="also take finished runs from this export (another study's, say), checked first; repeatable")
     study.add_argument("--print-commands", action="store_true",
                        help="print one 'python -m aace train' command per run (for a job array) instead")
+    study.add_argument("--executor", choices=("local", "slurm"), default="local",
+                       help="local: a pool of processes on this machine (--workers); slurm: each phase as one Slurm "
+                            "job array, submitted from this (login) node, the run store on a shared filesystem")
+    cluster = study.add_argument_group("Slurm (with --executor slurm)")
+    for name, kind, meta, what in SLURM_OPTIONS:
+        cluster.add_argument(f"--slurm-{name}", type=kind, default=None, metavar=meta, help=what)
     _add_config_options(study)
 
     runs = sub.add_parser("runs", help="list stored runs with their final numbers")
@@ -117,6 +125,39 @@ def main(argv: list[str] | None = None) -> int:
             message = f"interrupted by {'SIGINT' if isinstance(err, KeyboardInterrupt) else 'SIGTERM'}"
         print(f"error: {message}", file=sys.stderr)
         return code
+
+
+# --slurm-NAME: (name, type, metavar, help); aace.slurm.SlurmOptions holds them (its defaults).
+SLURM_OPTIONS = (("partition", str, "NAME", "the partition (default: the cluster's)"),
+                 ("gpus-per-run", int, "N", "GPUs of each run (default 0)"),
+                 ("cpus-per-run", int, "N", "CPUs of each run, its thread count on the CPU (default 1)"),
+                 ("time", int, "MINUTES", "each run's time limit (default 60)"),
+                 ("max-parallel", int, "N", "runs at once, at most (default 64)"),
+                 ("pending-limit", float, "MINUTES", "end the study when its runs have waited this long with none "
+                                                     "running (default 60)"),
+                 ("log-dir", str, "DIR", "the jobs' logs (default: <runs-dir>/slurm)"),
+                 ("config", str, "FILE", "a JSON object of further submitit SlurmExecutor parameters (account, "
+                                         "qos, mem, constraint, setup, ...)"))
+
+
+def _slurm_options(args):
+    """The study's ``SlurmOptions``, or None for the local pool; --slurm-* without --executor slurm is refused."""
+    given = {name: getattr(args, f"slurm_{name.replace('-', '_')}") for name, *_ in SLURM_OPTIONS}
+    given = {name: value for name, value in given.items() if value is not None}
+    if args.executor != "slurm":
+        if given:
+            raise ValueError(f"--slurm-{next(iter(given))}: only with --executor slurm")
+        return None
+    if args.workers is not None:
+        raise ValueError("--workers: the local pool's; with --executor slurm, --slurm-max-parallel caps the runs at once")
+    import shutil
+    if shutil.which("sbatch") is None or shutil.which("squeue") is None:
+        raise ValueError("--executor slurm: no sbatch or squeue on this machine's PATH; run the study on the "
+                         "cluster's login node, or use --executor local")
+    from .slurm import SlurmOptions
+    names = {"time": "time_minutes", "pending-limit": "pending_limit_minutes"}
+    options = {names.get(n, n.replace("-", "_")): v for n, v in given.items() if n != "config"}
+    return SlurmOptions.from_file(given["config"], **options) if "config" in given else SlurmOptions(**options)
 
 
 # Exit codes of expected failures (documented in the README); anything else shows its traceback.
@@ -176,6 +217,9 @@ def _study(args, argv) -> int:
             print(f"# then: {shlex.join(again)} again, once these have finished, prints the final runs at the "
                   f"chosen rhos")
         return 0
+    slurm = _slurm_options(args)
+    if args.workers is None:
+        args.workers = 1
     if args.workers < 1:
         raise ValueError(f"--workers: expected an integer >= 1, got {args.workers}")
     from . import reference
@@ -202,7 +246,7 @@ def _study(args, argv) -> int:
         return None
     stop_after = None if args.stop_after is None else 60 * args.stop_after
     record = study.run_study(args.profile, args.runs_dir, args.workers, stop_after, found=found if finders else None,
-                             earlier_invocations=earlier, **overrides)
+                             earlier_invocations=earlier, slurm=slurm, **overrides)
     exported = ""
     if args.export:
         command = "python -m aace " + shlex.join(argv if argv is not None else sys.argv[1:])

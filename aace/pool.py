@@ -169,6 +169,29 @@ def _progress_line(running, pending, durations, workers, runs_dir) -> str:
     return f"training {', '.join(now) or 'nothing'}; {len(pending)} waiting{eta}"
 
 
+def split_available(configs, runs_dir: Path, found, device_of) -> tuple[list, list]:
+    """(runs, pending): the configs whose finished (or diverged) run an export (``found``) or the store holds, read
+    here, and the rest, to train. ``device_of(config)``: the device its run trains on (its store folder's)."""
+    from .store import CorruptRun, load_run, note_use, run_dir
+    runs, pending = [], []
+    for config in configs:
+        elsewhere = found(config) if found else None
+        if elsewhere is not None:
+            runs.append(elsewhere)
+            continue
+        path = run_dir(config, device_of(config), runs_dir)
+        try:
+            stored = load_run(path, missing_ok=True)
+        except CorruptRun:  # the run's own process deals with it, under the run's lock
+            stored = None
+        if stored is not None and stored.summary.get("status") in ("finished", "diverged"):
+            note_use("store", path)
+            runs.append(stored)
+        else:
+            pending.append(config)
+    return runs, pending
+
+
 def run_pool(configs: list[RunConfig], runs_dir=None, workers: int = 1, deadline: float | None = None,
              log=None, profile: str | None = None, found=None) -> tuple[list, bool, int]:
     """Train (or read back) every config, ``workers`` child processes at a time; returns (runs, complete,
@@ -176,20 +199,13 @@ def run_pool(configs: list[RunConfig], runs_dir=None, workers: int = 1, deadline
     no new run starts; the ones under way finish. ``found(config)``: a stored run from elsewhere (an export),
     or None. A child that ends other than finished or diverged stops the others and raises ``RunFailed``."""
     from .store import Terminated, default_runs_dir, load_run, run_dir
-    from .train import is_stored, resolve_device, run
+    from .train import resolve_device
     if not (isinstance(workers, int) and not isinstance(workers, bool) and workers >= 1):
         raise ValueError(f"--workers: expected an integer >= 1, got {workers!r}")
     runs_dir = Path(runs_dir or default_runs_dir()).resolve()  # the children get the same store whatever their cwd
     log = log or (lambda line: print(line, flush=True))
-    runs, pending, trained = [], [], 0
-    for config in configs:  # what the store (or an export) holds is read here; only the rest starts a process
-        elsewhere = found(config) if found else None
-        if elsewhere is not None:
-            runs.append(elsewhere)
-        elif is_stored(config, runs_dir):
-            runs.append(run(config, runs_dir, progress=False))
-        else:
-            pending.append(config)
+    runs, pending = split_available(configs, runs_dir, found, lambda c: resolve_device(c.device))
+    trained = 0
     started, running, durations, heartbeat = time.time(), [], [], time.time()
     try:
         while pending or running:

@@ -9,6 +9,7 @@ run the command again after an interruption and only what is missing trains.
 """
 from __future__ import annotations
 
+import dataclasses
 import datetime
 import json
 import math
@@ -97,6 +98,14 @@ PLANS = {
     # from cpu-noise-power's export (--resume-from): its 292 runs are not trained again.
     "cpu-noise-reference": Plan("cpu-noise", rhos=_NOISE_GRIDS, tuning_seeds=(100, 101, 102),
                                 final_seeds=tuple(range(50)), final_arms=(*BASELINE_ARMS, *TUNED_ARMS, *CROSSED)),
+    # The paper's scale on a GPU cluster (issue 35; book/gpu.md gives its cost from benchmarks/paper_scale.json):
+    # CIFAR-100 with the authors' WRN-28-10 and settings, the SAM paper's protocol (rho from its grid
+    # {0.01, ..., 0.5} on a held-out 10 % of the training set, one tuning seed, 5 fresh seeds); SAM+AACE's
+    # unnormalised grid around the authors' 0.2. `--model pyramidnet-272-200 --batch-size 64` for their other model.
+    "paper": Plan("paper", rhos={"sam": (0.01, 0.02, 0.05, 0.1, 0.2, 0.5), "aace": (0.05, 0.1, 0.2, 0.5, 1.0),
+                                 "aace_normalised": (0.01, 0.02, 0.05, 0.1, 0.2, 0.5)},
+                  tuning_seeds=(100,), final_seeds=tuple(range(5)), settings={"dataset": "cifar100", "val_subset": 5000},
+                  final_arms=("sgd", "sam", "aace", "aace_normalised")),
     # The same machinery in seconds, for the tests and for trying the commands (the smoke profile as it is, so
     # that the pages' smoke runs are the study's).
     "smoke": Plan("smoke", rhos={"sam": (0.05, 0.2), "aace": (0.05, 0.2), "aace_normalised": (0.05, 0.2)},
@@ -276,11 +285,12 @@ def say(line: str) -> None:
 
 
 def run_study(profile: str, runs_dir=None, workers: int = 1, stop_after: float | None = None, log=say,
-              plan: Plan | None = None, found=None, earlier_invocations=(), **overrides) -> dict:
+              plan: Plan | None = None, found=None, earlier_invocations=(), slurm=None, **overrides) -> dict:
     """Tuning grid and SGD first, then the tuned arms' final seeds at their chosen rhos. Returns the study's
     record (what ``export`` writes as study.json), with ``complete`` False when ``stop_after`` seconds ran out.
     ``plan``: another plan than the profile's (other seeds, say). ``found(config)``: a finished run read in
     place from elsewhere (a committed partial export), else None; ``earlier_invocations``: that export's history.
+    ``slurm``: an ``aace.slurm.SlurmOptions`` to run each phase as a Slurm job array instead of the local pool.
     An invocation stopped by a signal or a failed run is recorded in the history before the error goes on."""
     from .store import Terminated, default_runs_dir
     check_overrides(overrides)
@@ -292,16 +302,23 @@ def run_study(profile: str, runs_dir=None, workers: int = 1, stop_after: float |
     # Each worker gets its share of the cores, set in the configs (unless the profile fixes it): on the CPU the
     # thread count is part of a run's hash, so that any process (this one, a later invocation) finds the runs.
     if profile_config(plan.profile).threads is None:
-        overrides.setdefault("threads", max(1, (os.cpu_count() or 1) // workers))
+        overrides.setdefault("threads", slurm.cpus_per_run if slurm else max(1, (os.cpu_count() or 1) // workers))
     first = tuning_configs(plan, **overrides) + final_configs(plan, None, **overrides)  # validates the settings
     start = time.time()
     deadline = None if stop_after is None else start + stop_after
     trained, chosen, complete, ended = 0, None, False, None
     sampler = GPUSampler()
+
+    def execute(configs):
+        if slurm is not None:
+            from .slurm import run_slurm
+            return run_slurm(configs, runs_dir, slurm, deadline, log, plan.profile, found)
+        return run_pool(configs, runs_dir, workers, deadline, log, plan.profile, found)
     try:
         with sampler:
-            log(f"study {profile}: {len(first)} runs of tuning and SGD, {workers} at a time, store {runs_dir}")
-            runs, complete, n = run_pool(first, runs_dir, workers, deadline, log, plan.profile, found)
+            how = "as Slurm job arrays" if slurm else f"{workers} at a time"
+            log(f"study {profile}: {len(first)} runs of tuning and SGD, {how}, store {runs_dir}")
+            runs, complete, n = execute(first)
             trained += n
             if complete:
                 chosen = choose_rhos(plan, runs)
@@ -311,7 +328,7 @@ def run_study(profile: str, runs_dir=None, workers: int = 1, stop_after: float |
                     log(f"WARNING: {warning}")
                 rest = [c for c in final_configs(plan, {k: v["rho"] for k, v in chosen.items()}, **overrides)
                         if arm_key(c) not in BASELINE_ARMS]
-                more, complete, n = run_pool(rest, runs_dir, workers, deadline, log, plan.profile, found)
+                more, complete, n = execute(rest)
                 trained += n
                 runs += more
     except (KeyboardInterrupt, Terminated, Exception) as err:
@@ -320,6 +337,7 @@ def run_study(profile: str, runs_dir=None, workers: int = 1, stop_after: float |
         raise
     finally:
         entry = {"started": _utc(start), "wall_seconds": time.time() - start, "workers": workers,
+                 **({"executor": "slurm", "slurm": dataclasses.asdict(slurm)} if slurm else {}),
                  "gpu": sampler.summary(), "complete": complete, "runs_trained": trained}
         if ended:
             entry["ended"] = ended

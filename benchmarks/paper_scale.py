@@ -27,7 +27,13 @@ def main(argv=None):
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--steps", type=int, default=10)
     parser.add_argument("--out", default=str(HERE / "paper_scale.json"))
+    parser.add_argument("--markdown-only", action="store_true",
+                        help="rewrite paper_scale.md from the measured paper_scale.json (no measurement)")
     args = parser.parse_args(argv)
+    if args.markdown_only:
+        results = json.loads(Path(args.out).read_text())
+        Path(args.out).with_suffix(".md").write_text(to_markdown(results))
+        return
     device = torch.device(args.device)
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
     from aace import build_model
@@ -76,7 +82,34 @@ def to_markdown(results: dict) -> str:
     for r in results["rows"]:
         lines.append(f"| {r['model']} | {r['batch_size']} | {r['method']} | {r['seconds_per_step']:.3f} | "
                      f"{r['minutes_per_epoch']:.2f} | {r['hours_per_200_epochs']:.1f} |")
+    lines += ["", f"What the `paper` study (`aace.study.PLANS[\"paper\"]`) costs at these step times, training steps "
+              f"only (evaluation adds a little):", "", "| model | tuning runs | final runs | GPU-hours |", "|---|---|---|---|"]
+    for model, (tuning, final, hours) in study_cost(results).items():
+        lines.append(f"| {model} | {tuning} | {final} | {hours:.0f} |")
     return "\n".join(lines) + "\n"
+
+
+def study_cost(results: dict, plan_name: str = "paper") -> dict:
+    """{model: (tuning runs, final runs, GPU-hours)} of a study plan at the measured seconds per step: each run's
+    steps (its training images, the validation split held out, over its batch size, times its epochs) times its
+    method's step time (normalised AACE costs what AACE costs)."""
+    from aace.study import PLANS, final_configs, tuning_configs
+    plan = PLANS[plan_name]
+    chosen = {key: values[0] for key, values in plan.rhos.items()}  # the cost does not depend on rho
+    out = {}
+    for row_model in dict.fromkeys(r["model"] for r in results["rows"]):
+        name = row_model.split(" ")[0]
+        rows = {r["method"]: r for r in results["rows"] if r["model"] == row_model}
+        batch = next(iter(rows.values()))["batch_size"]
+        overrides = {"model": name, "batch_size": batch}
+        tuning, final = tuning_configs(plan, **overrides), final_configs(plan, chosen, **overrides)
+        hours = 0.0
+        for config in tuning + final:
+            images = CIFAR_TRAIN_IMAGES - (config.val_subset or 0)
+            steps = -(-images // config.batch_size) * config.epochs
+            hours += rows[config.method]["seconds_per_step"] * steps / 3600
+        out[row_model] = (len(tuning), len(final), hours)
+    return out
 
 
 if __name__ == "__main__":

@@ -1,12 +1,15 @@
 #!/usr/bin/env bash
 # Set up a fresh machine: Debian packages (as root), the virtual environment at .venv, the aace package.
-# Usage: scripts/setup.sh [--test]   (--test also installs Chromium for the book's browser checks)
+# Usage: scripts/setup.sh [--test]   (--test also installs Chromium for the book's browser checks, and Slurm
+#                                    with munge for the Slurm executor's test)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
 debian_packages=()
 [[ -d /usr/share/datasets/fashion-mnist ]] || debian_packages+=(dataset-fashion-mnist)
 if [[ ${1:-} == --test ]] && ! { command -v chromium && command -v chromedriver; } >/dev/null; then debian_packages+=(chromium chromium-driver); fi
+# --test: a single-node Slurm for the Slurm executor's test (tests/slurm_cluster.py starts it)
+if [[ ${1:-} == --test ]] && ! { command -v slurmctld && command -v slurmd && command -v munged; } >/dev/null; then debian_packages+=(slurm-wlm munge); fi
 if ((${#debian_packages[@]})); then
   if [[ $(id -u) == 0 ]]; then
     apt-get install -y -q "${debian_packages[@]}" >/dev/null || { apt-get update -q >/dev/null && apt-get install -y -q "${debian_packages[@]}" >/dev/null; }

@@ -133,7 +133,7 @@ def test_print_commands_gives_one_train_command_per_run_that_trains_that_config(
 
 def test_study_usage_errors_name_the_option():
     with pytest.raises(SystemExit):
-        cli_main(["study", "--profile", "paper"])
+        cli_main(["study", "--profile", "cpu"])  # a profile, but no study plan
     assert cli_main(["study", "--profile", "smoke", "--workers", "0"]) == 2
 
 
