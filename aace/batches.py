@@ -8,8 +8,8 @@ from typing import Iterator
 import torch
 
 from .config import RunConfig
-from .data import (AUGMENTS, ArrayData, DatasetSpec, load_dataset, mean_std, spec, stratified_subset,
-                   symmetric_label_noise, train_validation_split)
+from .data import (AUGMENTS, ArrayData, DatasetSpec, load_dataset, long_tail_subset, mean_std, spec,
+                   stratified_subset, symmetric_label_noise, train_validation_split)
 
 EVAL_BATCH = 250
 
@@ -30,6 +30,9 @@ def prepare_data(config: RunConfig, device: torch.device):
         train, val = train.subset(train_idx), train.subset(val_idx)
     elif config.train_subset:
         train = train.subset(stratified_subset(train.labels, config.train_subset, config.data_seed))
+    if config.imbalance_ratio > 1:  # the long tail is cut from the balanced subset; validation stays balanced
+        train = train.subset(long_tail_subset(train.labels, torch.arange(len(train)), config.class_counts(),
+                                                      config.data_seed + 2))
     full_test = test if config.final_full_test and config.test_subset else None
     if config.test_subset:
         test = test.subset(stratified_subset(test.labels, config.test_subset, config.data_seed))

@@ -48,6 +48,7 @@ class RunConfig:
     focal_gamma: float = 2.0               # gamma of the focal and dual focal losses
     taylor_order: int = 2
     label_noise: float = 0.0               # symmetric: this share of training labels moved to another class
+    imbalance_ratio: float = 1.0           # > 1: a long-tailed training subset, head over tail count (data.long_tail_counts)
     validation_label_noise: bool = False   # the validation split's labels too (as in practice); the test set stays clean
     epochs: int = 20
     batch_size: int = 128
@@ -143,6 +144,12 @@ class RunConfig:
             fail("taylor_order", "an integer >= 1")
         if not (is_number(self.label_noise) and 0.0 <= self.label_noise < 1.0):
             fail("label_noise", "a number in [0, 1)")
+        if not (is_number(self.imbalance_ratio) and self.imbalance_ratio >= 1.0):
+            fail("imbalance_ratio", "a finite number >= 1 (1: balanced classes)")
+        if self.imbalance_ratio > 1 and (self.train_subset is None or self.train_subset % classes):
+            fail("imbalance_ratio", f"1 unless train_subset is set to a multiple of the {classes} classes (the "
+                                    f"balanced subset whose classes the long tail thins; train_subset is "
+                                    f"{self.train_subset!r})")
         if self.validation_label_noise and not self.label_noise:
             fail("validation_label_noise", "False when label_noise is 0 (it noises the validation split at that rate)")
         if self.nesterov and self.momentum == 0:
@@ -165,10 +172,18 @@ class RunConfig:
         """The seed of the training, validation and test subsets: ``subset_seed``, or the run's seed."""
         return self.seed if self.subset_seed is None else self.subset_seed
 
+    def class_counts(self) -> list[int] | None:
+        """The training subset's images per class when it is long-tailed (``imbalance_ratio`` > 1), else None."""
+        if self.imbalance_ratio == 1:
+            return None
+        from .data import long_tail_counts
+        classes = DATASETS[self.dataset].num_classes
+        return long_tail_counts(self.train_subset // classes, classes, self.imbalance_ratio)
+
     def loss_options(self, name: str) -> dict:
         """The options of a named loss that this config sets."""
         return {"focal": {"gamma": self.focal_gamma}, "dual_focal": {"gamma": self.focal_gamma},
-                "taylor_ce": {"order": self.taylor_order},
+                "taylor_ce": {"order": self.taylor_order}, "exp_weighted_ce": {"class_counts": self.class_counts()},
                 "cross_entropy": {"label_smoothing": self.label_smoothing,
                                   "smoothing_form": self.label_smoothing_form}}.get(name, {})
 

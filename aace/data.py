@@ -291,6 +291,27 @@ def stratified_subset(labels: torch.Tensor, size: int, seed: int) -> torch.Tenso
     return torch.sort(chosen).values
 
 
+def long_tail_counts(per_class: int, num_classes: int, ratio: float) -> list[int]:
+    """Images of each class in a long-tailed subset (the exponential profile of Cao et al., NeurIPS 2019, as
+    CIFAR-10-LT): class c keeps per_class * ratio ** (-c / (K - 1)) images, truncated, at least 1, so that class 0
+    (the head) keeps all and the last class ``ratio`` times fewer."""
+    return [max(1, int(per_class * ratio ** (-c / (num_classes - 1)))) for c in range(num_classes)]
+
+
+def long_tail_subset(labels: torch.Tensor, indices: torch.Tensor, counts: list[int], seed: int) -> torch.Tensor:
+    """Of a balanced subset (``indices``), ``counts[c]`` images of each class c drawn by ``seed``: a long-tailed
+    subset nested in it, sorted."""
+    g = torch.Generator().manual_seed(seed)
+    chosen = []
+    for c, n in enumerate(counts):
+        of_class = indices[labels[indices] == c]
+        if len(of_class) < n:
+            raise ValueError(f"RunConfig.imbalance_ratio: the balanced subset holds {len(of_class)} images of class "
+                             f"{c}, fewer than the {n} its long tail keeps")
+        chosen.append(of_class[torch.randperm(len(of_class), generator=g)[:n]])
+    return torch.sort(torch.cat(chosen)).values
+
+
 def train_validation_split(labels: torch.Tensor, train_size: int | None, val_size: int, seed: int
                            ) -> tuple[torch.Tensor, torch.Tensor]:
     """(training indices, validation indices), disjoint, each stratified by class.

@@ -253,3 +253,53 @@ def test_symmetric_label_noise_is_fixed_by_seed_and_always_wrong():
     assert (noisy != labels).sum() == 400 and noisy.min() >= 0 and noisy.max() <= 9
     assert torch.equal(noisy, symmetric_label_noise(labels, 0.4, 10, seed=3))
     assert not torch.equal(noisy, symmetric_label_noise(labels, 0.4, 10, seed=4))
+
+
+# ----------------------------------------------------------------------------- the long-tailed testbed (issue 34)
+
+def test_long_tail_counts_follow_the_exponential_profile():
+    from aace.data import long_tail_counts
+    counts = long_tail_counts(500, 10, 100)
+    assert counts[0] == 500 and counts[-1] == 5
+    assert counts == [int(500 * 100 ** (-c / 9)) for c in range(10)]
+    assert long_tail_counts(100, 10, 1000) == [max(1, int(100 * 1000 ** (-c / 9))) for c in range(10)]
+    assert long_tail_counts(100, 10, 1000)[-1] == 1  # never an empty class
+
+
+def test_the_long_tailed_subset_is_nested_in_the_balanced_one_and_validation_stays_balanced():
+    from aace.batches import prepare_data
+    from aace.config import profile_config
+    config = profile_config("smoke", train_subset=500, val_subset=200, imbalance_ratio=10.0)
+    balanced = profile_config("smoke", train_subset=500, val_subset=200)
+    _, train, test, val, _ = prepare_data(config, torch.device("cpu"))
+    _, train_b, test_b, val_b, _ = prepare_data(balanced, torch.device("cpu"))
+    assert torch.bincount(train.labels, minlength=10).tolist() == config.class_counts() == \
+        [50, 38, 29, 23, 17, 13, 10, 8, 6, 5]
+    assert torch.bincount(val.labels, minlength=10).tolist() == [20] * 10
+    assert torch.equal(val.labels, val_b.labels) and torch.equal(test.labels, test_b.labels)
+    # every long-tailed image is one of the balanced subset's (the same images, a subset of them)
+    rows_b = {tuple(x.flatten().tolist()) for x in train_b.images}
+    assert all(tuple(x.flatten().tolist()) in rows_b for x in train.images)
+    again = prepare_data(config, torch.device("cpu"))[1]
+    assert torch.equal(again.images, train.images)  # drawn by the run's data seed
+
+
+@pytest.mark.parametrize("settings, words", [
+    (dict(imbalance_ratio=0.5), "RunConfig.imbalance_ratio: expected a finite number >= 1"),
+    (dict(imbalance_ratio=float("inf")), "RunConfig.imbalance_ratio: expected a finite number >= 1"),
+    (dict(imbalance_ratio=10.0, train_subset=None), "1 unless train_subset is set to a multiple of the 10 classes"),
+    (dict(imbalance_ratio=10.0, train_subset=255), "train_subset is 255"),
+])
+def test_a_bad_imbalance_ratio_is_named(settings, words):
+    from aace.config import profile_config
+    with pytest.raises(ValueError, match=words):
+        profile_config("smoke", **settings)
+
+
+def test_the_imbalance_ratio_is_part_of_the_runs_hash_and_feeds_the_weighted_loss():
+    from aace.config import profile_config
+    balanced, tailed = profile_config("smoke"), profile_config("smoke", train_subset=250, imbalance_ratio=10.0)
+    assert balanced.run_hash("cpu", 1) == profile_config("smoke", imbalance_ratio=1).run_hash("cpu", 1)
+    assert tailed.run_hash("cpu", 1) != balanced.run_hash("cpu", 1)
+    assert balanced.loss_options("exp_weighted_ce") == {"class_counts": None}
+    assert tailed.loss_options("exp_weighted_ce")["class_counts"] == tailed.class_counts()

@@ -296,3 +296,56 @@ def test_bad_arguments_are_refused_by_name_not_by_a_raw_type_error(call, words):
     with pytest.raises(ValueError) as err:
         call()
     assert words in str(err.value)
+
+
+# ----------------------------------------------------------------------------- exponentially weighted cross-entropy
+
+from aace.losses import class_weights, exponentially_weighted_cross_entropy  # noqa: E402
+
+
+@pytest.mark.parametrize("beta", [0.0, 0.9, 0.999, 0.9999])
+def test_class_weights_closed_form(beta):
+    counts = [500, 120, 30, 7, 1]
+    raw = [(1 - beta) / (1 - beta ** n) if beta else 1.0 for n in counts]
+    expected = torch.tensor(raw, dtype=torch.float64) / (sum(raw) / len(raw))
+    torch.testing.assert_close(class_weights(counts, beta), expected, rtol=1e-10, atol=0)
+    w = class_weights(counts, beta)
+    assert beta == 0 or all(a < b for a, b in zip(w, w[1:]))  # fewer samples, more weight
+
+
+def test_exponentially_weighted_cross_entropy_closed_form_and_autograd():
+    torch.manual_seed(11)
+    logits = torch.randn(8, 4, dtype=torch.float64, requires_grad=True)
+    y = torch.tensor([0, 1, 2, 3, 0, 0, 1, 3])
+    counts = [400, 100, 25, 6]
+    w = class_weights(counts, 0.99)
+    p = torch.softmax(logits.detach(), 1)
+    expected = -(w[y] * torch.log(p[torch.arange(8), y]))
+    torch.testing.assert_close(exponentially_weighted_cross_entropy(logits, y, counts, 0.99, reduction="none"),
+                               expected)
+    loss = exponentially_weighted_cross_entropy(logits, y, counts, 0.99)
+    loss.backward()
+    # d/dz of -w_y log softmax(z)_y, averaged over the batch: w_y (p - onehot(y)) / B
+    hand = w[y][:, None] * (p - F.one_hot(y, 4).double()) / 8
+    torch.testing.assert_close(logits.grad, hand)
+    assert torch.autograd.gradcheck(lambda z: exponentially_weighted_cross_entropy(z, y, counts, 0.99),
+                                    (logits.detach().clone().requires_grad_(),))
+
+
+def test_exponentially_weighted_cross_entropy_is_cross_entropy_on_balanced_classes():
+    torch.manual_seed(12)
+    z, y = torch.randn(16, 10), torch.randint(0, 10, (16,))
+    torch.testing.assert_close(exponentially_weighted_cross_entropy(z, y, [600] * 10), F.cross_entropy(z, y))
+    torch.testing.assert_close(exponentially_weighted_cross_entropy(z, y), F.cross_entropy(z, y))
+
+
+@pytest.mark.parametrize("call, words", [
+    (lambda: class_weights([10, 0, 3]), "class_counts must be one count >= 1 per class"),
+    (lambda: class_weights([10]), "at least 2 classes"),
+    (lambda: class_weights([10, 3], beta=1.0), "beta must be a number in \\[0, 1\\)"),
+    (lambda: exponentially_weighted_cross_entropy(torch.zeros(2, 3), torch.tensor([0, 1]), [5, 5]),
+     "one count per class \\(3\\), got 2"),
+])
+def test_exponentially_weighted_cross_entropy_errors_name_the_argument(call, words):
+    with pytest.raises(ValueError, match=words):
+        call()

@@ -221,3 +221,27 @@ def test_each_seed_draws_its_own_subsets_unless_subset_seed_is_given():
         profile_config("smoke", subset_seed=-1)
     with pytest.raises(ValueError, match="eval_every"):
         profile_config("smoke", eval_every=0)
+
+
+@pytest.mark.parametrize("perturbation, update", [("exp_weighted_ce", "cross_entropy"),
+                                                  ("cross_entropy", "exp_weighted_ce")])
+def test_the_exponentially_weighted_loss_takes_the_long_tails_class_counts_in_either_pass(perturbation, update):
+    from aace.losses import LOSSES
+    from aace.train import loss_functions
+    config = RunConfig(method="sam", perturbation_loss=perturbation, update_loss=update, train_subset=1000,
+                       imbalance_ratio=100.0)
+    logits = torch.randn(8, 10, generator=torch.Generator().manual_seed(1))
+    labels = torch.tensor([0, 9, 9, 3, 5, 1, 8, 0])
+    fn = loss_functions(config)[0 if perturbation != "cross_entropy" else 1]
+    expected = LOSSES["exp_weighted_ce"](logits, labels, class_counts=[100, 59, 35, 21, 12, 7, 4, 2, 1, 1])
+    assert torch.equal(fn(logits, labels), expected)
+    assert not torch.equal(expected, LOSSES["cross_entropy"](logits, labels))  # the weights do something
+
+
+def test_a_long_tailed_run_trains_with_the_weighted_loss_from_the_command_line(tmp_path):
+    args = ["train", "--profile", "smoke", "--method", "sam", "--perturbation-loss", "exp_weighted_ce",
+            "--imbalance-ratio", "10", "--train-subset", "250", "--epochs", "1", "--no-progress", "--runs-dir",
+            str(tmp_path)]
+    assert cli_main(args) == 0
+    (stored,) = store.list_runs(tmp_path)
+    assert stored.config.imbalance_ratio == 10.0 and stored.info["train_size"] == sum(stored.config.class_counts())
