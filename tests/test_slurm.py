@@ -125,7 +125,8 @@ def _wait_for(predicate, seconds, what):
 
 
 @pytest.mark.slow
-def test_the_smoke_study_on_slurm_survives_a_cancelled_job_and_matches_the_local_pool_bit_for_bit(cluster, tmp_path):
+def test_the_smoke_study_on_slurm_survives_a_cancelled_job_and_matches_the_local_pool_bit_for_bit(cluster, tmp_path,
+                                                                                                  smoke_study_store):
     store, export = tmp_path / "slurm-store", tmp_path / "slurm-export"
     # Array task i runs the i-th config the study submits: on an empty store, every tuning run and SGD's.
     plan = study.PLANS["smoke"]
@@ -154,9 +155,9 @@ def test_the_smoke_study_on_slurm_survives_a_cancelled_job_and_matches_the_local
     assert again.returncode == 0, out
     assert results.check_export(export) == []
 
-    local = tmp_path / "local-export"
+    local = tmp_path / "local-export"  # the same study run by the local pool (once for the session)
     assert cli_main(["study", "--profile", "smoke", "--workers", "2", "--threads", "1", "--runs-dir",
-                     str(tmp_path / "local-store"), "--export", str(local)]) == 0
+                     str(smoke_study_store), "--export", str(local)]) == 0
     slurm_study, slurm_runs = results.load_export(export)
     local_study, local_runs = results.load_export(local)
     assert slurm_study["chosen"] == local_study["chosen"]

@@ -46,13 +46,13 @@ def test_choose_rhos_takes_the_best_mean_validation_accuracy_and_needs_every_tun
 
 
 @pytest.fixture(scope="module")
-def smoke_study(tmp_path_factory):
-    runs_dir = tmp_path_factory.mktemp("study-runs")
+def smoke_study(smoke_study_store, tmp_path_factory):
+    """The session's smoke study (trained once, conftest.smoke_study_store) and its export."""
     export_dir = tmp_path_factory.mktemp("export") / "smoke"
-    argv = ["study", "--profile", "smoke", "--workers", "2", "--threads", "1", "--runs-dir", str(runs_dir),
+    argv = ["study", "--profile", "smoke", "--workers", "2", "--threads", "1", "--runs-dir", str(smoke_study_store),
             "--export", str(export_dir)]
     assert cli_main(argv) == 0
-    return runs_dir, export_dir
+    return smoke_study_store, export_dir
 
 
 def test_smoke_study_runs_in_two_workers_exports_and_passes_its_integrity_check(smoke_study):
