@@ -260,6 +260,13 @@ PROFILES: dict[str, dict] = {
                       lr_schedule="cosine", augment="no_cutout", train_subset=1000, val_subset=1000, test_subset=1000,
                       eval_every=4, final_full_test=True, seed=0, threads=1, label_noise=0.4,
                       validation_label_noise=True),
+    # The long-tailed testbed (issue 34): the cpu profile's settings on a training subset cut from a balanced 5,000
+    # (500 a class) to the exponential profile at imbalance ratio 100 (500 images of class 0 down to 5 of class 9,
+    # 1,236 in all; data.long_tail_counts); the 1,000-image validation split and the test set stay balanced.
+    "cpu-imbalanced": dict(dataset="fashion_mnist", model="wrn-10-1", epochs=40, batch_size=128, lr=0.1,
+                           lr_schedule="cosine", augment="no_cutout", train_subset=5000, val_subset=1000,
+                           test_subset=1000, eval_every=4, final_full_test=True, seed=0, threads=1,
+                           imbalance_ratio=100.0),
     # The noise testbed's seconds-long copy (the nbval fixture's second study).
     "smoke-noise": dict(dataset="fashion_mnist", model="wrn-10-1", epochs=3, batch_size=64, lr=0.1,
                         lr_schedule="cosine", augment="paper", train_subset=256, val_subset=128, test_subset=256,

@@ -34,6 +34,10 @@ def summary_problem(summary: dict, metrics) -> str | None:
         is_number = isinstance(value, (int, float)) and not isinstance(value, bool)
         if key.endswith("_acc") and not (is_number and 0.0 <= value <= 1.0):
             return f"{key} {value!r} is not an accuracy in [0, 1]"
+        if key == "test_accuracy_by_class" and not (isinstance(value, list) and all(
+                isinstance(v, (int, float)) and not isinstance(v, bool) and (0.0 <= v <= 1.0 or math.isnan(v))
+                for v in value)):
+            return f"{key} {value!r} is not a list of accuracies in [0, 1]"
         if last is not None and key in metrics.columns and key.endswith(("_acc", "_loss")):
             recorded = float(last[key])
             if not is_number or not (math.isclose(value, recorded, rel_tol=1e-12, abs_tol=0.0)

@@ -332,12 +332,20 @@ def _train(config: RunConfig, device: torch.device, run_dir, progress, world: di
                                                                                         final["test_acc"])
                 final = {**final, "full_test_loss": loss, "full_test_acc": acc,
                          "full_test_size": len((full_test_loader or test_loader).labels)}
+            if config.imbalance_ratio > 1:  # the long-tailed testbed's record per class (aace.imbalance)
+                from .imbalance import class_accuracy, perturbation_class_shares
+                perturbation_fn = loss_functions(config, _loss_generator(config, config.epochs, device))[0]
+                final = {**final, "test_accuracy_by_class": class_accuracy(
+                    model, full_test_loader or test_loader, dspec.num_classes),
+                    "perturbation_share_by_class": perturbation_class_shares(
+                        model, perturbation_fn, train_loader, dspec.num_classes)}
             if main:
                 store.write_summary(run_dir, {
                     "status": "finished", "epochs": config.epochs, "wall_seconds": wall,
                     **{k: final[k] for k in ("train_acc", "test_acc", "test_loss", "ce_loss", "aace_loss", "train_loss",
                                              "val_acc", "val_loss", "full_test_acc", "full_test_loss",
-                                             "full_test_size") if k in final},
+                                             "full_test_size", "test_accuracy_by_class",
+                                             "perturbation_share_by_class") if k in final},
                     "images_per_second": sum(r["images_per_second"] for r in epoch_rows) / len(epoch_rows)})
     except (KeyboardInterrupt, store.Terminated) as err:
         name = "SIGINT" if isinstance(err, KeyboardInterrupt) else "SIGTERM"

@@ -1,0 +1,97 @@
+"""The long-tailed testbed's per-class record (aace.imbalance): accuracy by class and each class's share of the
+perturbation, against hand computations and autograd."""
+import math
+
+import pytest
+import torch
+
+from aace import imbalance
+from aace.batches import BatchLoader
+from aace.data import ArrayData, spec
+from aace.losses import aace_loss, cross_entropy
+
+
+def _loader(n=60, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    images = torch.randint(0, 256, (n, 1, 28, 28), generator=g, dtype=torch.uint8)
+    labels = torch.arange(n) % 10
+    data = ArrayData(images, labels)
+    return BatchLoader(data, spec("fashion_mnist"), torch.tensor([0.3]), torch.tensor([0.35]), 16, train=False)
+
+
+def _model(seed=1):
+    torch.manual_seed(seed)
+    return torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(784, 10))
+
+
+def test_class_accuracy_counts_each_class_on_its_own():
+    loader, model = _loader(), _model()
+    with torch.no_grad():
+        predicted = model(loader._normalize(loader.images)).argmax(1)
+    expected = [float((predicted[loader.labels == c] == c).double().mean()) for c in range(10)]
+    assert imbalance.class_accuracy(model, loader, 10) == pytest.approx(expected, abs=0)
+    assert math.isnan(imbalance.class_accuracy(model, loader, 11)[10])  # a class with no image
+
+
+@pytest.mark.parametrize("loss_fn", [cross_entropy, aace_loss])
+def test_perturbation_shares_are_each_classs_projection_on_the_whole_gradient(loss_fn):
+    loader, model = _loader(), _model()
+    shares = imbalance.perturbation_class_shares(model, loss_fn, loader, 10)
+    x, y = loader._normalize(loader.images), loader.labels
+    params = list(model.parameters())
+    flat = lambda gs: torch.cat([g.flatten() for g in gs]).double()  # noqa: E731
+    whole = flat(torch.autograd.grad(loss_fn(model(x), y), params))  # the mean over every training image
+    for c in range(10):
+        mask = y == c
+        g_c = flat(torch.autograd.grad(loss_fn(model(x[mask]), y[mask]) * mask.sum() / len(y), params))
+        assert shares[c] == pytest.approx(float(g_c.dot(whole) / whole.dot(whole)), rel=1e-6)
+    assert sum(shares) == pytest.approx(1.0, abs=1e-9)
+
+
+def test_a_long_tailed_run_records_both_by_class_and_a_damaged_record_is_named(tmp_path):
+    from aace.config import profile_config
+    from aace.tables import summary_problem
+    from aace.train import run
+    config = profile_config("smoke", method="aace", epochs=1, train_subset=250, imbalance_ratio=10.0)
+    result = run(config, tmp_path, progress=False)
+    s = result.summary
+    assert len(s["test_accuracy_by_class"]) == 10 and len(s["perturbation_share_by_class"]) == 10
+    assert sum(s["perturbation_share_by_class"]) == pytest.approx(1.0, abs=1e-6)
+    assert summary_problem(s, result.metrics) is None
+    assert "not a list of accuracies" in summary_problem({**s, "test_accuracy_by_class": [0.5, 2.0]}, result.metrics)
+    balanced = run(profile_config("smoke", method="sgd", epochs=1), tmp_path, progress=False)
+    assert "test_accuracy_by_class" not in balanced.summary  # the other testbeds' runs are as they were
+
+
+class _Run:
+    def __init__(self, key, seed, acc, by_class):
+        from aace import plans
+        self.config = plans.arm_config(plans.PLANS["cpu-imbalanced"], key, seed, None if key == "sgd" else 0.05)
+        self.finished = True
+        self.summary = {"full_test_acc": acc, "test_accuracy_by_class": by_class}
+        import pandas as pd
+        self.metrics = pd.DataFrame({"test_acc": [acc]})
+
+
+def test_group_scorings_average_each_declared_class_group():
+    from aace import verdicts
+    by_class = [0.9, 0.8, 0.7, 0.6, 0.5, 0.4, 0.3, 0.2, 0.1, 0.0]
+    run_ = _Run("sam", 0, 0.45, by_class)
+    assert verdicts.score(run_, "head") == pytest.approx(0.8)
+    assert verdicts.score(run_, "medium") == pytest.approx(0.45)
+    assert verdicts.score(run_, "tail") == pytest.approx(0.1)
+    assert math.isnan(verdicts.score(_Run("sam", 0, 0.45, None), "tail"))  # a run of another testbed
+
+
+def test_the_long_tailed_study_asks_its_declared_questions_and_no_other():
+    from aace import plans, verdicts
+    g = torch.Generator().manual_seed(5)
+    finals = {}
+    for k, key in enumerate(plans.PLANS["cpu-imbalanced"].final_arms):
+        noise = torch.rand(12, generator=g).tolist()
+        finals[key] = [_Run(key, s, 0.5 + 0.01 * k + 0.003 * noise[s], [0.5] * 10) for s in range(12)]
+    table = verdicts.verdicts(finals)
+    assert table["question"].unique().tolist() == ["positive control", "AACE", "weighted CE in SAM"]
+    assert table[table["question"] == "AACE"]["comparison"].tolist() == ["SAM+AACE − SAM"]
+    assert len(table[table["question"] == "weighted CE in SAM"]) == 3
+    assert table.iloc[0]["verdict"].startswith("better")  # the positive control, SAM 1 point over SGD
