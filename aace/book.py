@@ -144,6 +144,20 @@ def _kept(output_dir: Path, name: str, inputs: str) -> bool:
     return isinstance(store, dict) and _store_digests(store) == store
 
 
+def _ipc_kernel_manager():
+    """The kernel manager papermill starts a page's kernel with, its channels on Unix sockets (IPC) instead of TCP
+    ports: a TCP port is picked free and bound by the kernel a moment later, and a kernel started at the same time
+    elsewhere on the machine (a test's, another build's) can take it in between ("Address already in use")."""
+    from jupyter_client.manager import AsyncKernelManager
+    from traitlets import default
+
+    class IPCKernelManager(AsyncKernelManager):
+        @default("transport")
+        def _default_transport(self):
+            return "ipc"
+    return IPCKernelManager
+
+
 def execute_notebooks(profile: str, names: list[str] | None = None, parameters: dict | None = None,
                       runs_dir: str | None = None, output_dir: str | os.PathLike = "book",
                       rerun: bool = False) -> list[Path]:
@@ -197,6 +211,7 @@ def execute_notebooks(profile: str, names: list[str] | None = None, parameters: 
                 try:
                     papermill.execute_notebook(str(NOTEBOOK_DIR / f"{name}.ipynb"), str(partial), parameters=own,
                                                cwd=str(ROOT), kernel_name="python3", progress_bar=False,
+                                               kernel_manager_class=_ipc_kernel_manager(),
                                                # the kernel's own start-up log (its TCP warning) is not the reader's
                                                extra_arguments=["--IPKernelApp.log_level=ERROR"])
                 except papermill.PapermillExecutionError as err:
