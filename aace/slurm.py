@@ -14,7 +14,7 @@ import math
 import subprocess
 import sys
 import time
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from .config import RunConfig
@@ -86,7 +86,6 @@ class SlurmOptions:
 # The executor parameters the options set (a --slurm-config file may not set them again).
 _OWN_PARAMETERS = ("partition", "time", "cpus_per_task", "gpus_per_node", "array_parallelism", "job_name",
                    "nodes", "ntasks_per_node")
-OPTION_NAMES = tuple(f.name for f in fields(SlurmOptions))
 
 
 class TrainJob:

@@ -82,8 +82,8 @@ def to_markdown(results: dict) -> str:
     for r in results["rows"]:
         lines.append(f"| {r['model']} | {r['batch_size']} | {r['method']} | {r['seconds_per_step']:.3f} | "
                      f"{r['minutes_per_epoch']:.2f} | {r['hours_per_200_epochs']:.1f} |")
-    lines += ["", f"What the `paper` study (`aace.study.PLANS[\"paper\"]`) costs at these step times, training steps "
-              f"only (evaluation adds a little):", "", "| model | tuning runs | final runs | GPU-hours |", "|---|---|---|---|"]
+    lines += ["", "What the `paper` study (`aace.study.PLANS[\"paper\"]`) costs at these step times, training steps "
+              "only (evaluation adds a little):", "", "| model | tuning runs | final runs | GPU-hours |", "|---|---|---|---|"]
     for model, (tuning, final, hours) in study_cost(results).items():
         lines.append(f"| {model} | {tuning} | {final} | {hours:.0f} |")
     return "\n".join(lines) + "\n"
