@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from .config import RunConfig
+from .formatting import count
 from .pool import RunFailed, split_available, train_argv
 
 # The study's exit code when a job failed, was cancelled or timed out, or waited past the pending limit.
@@ -161,7 +162,7 @@ def run_slurm(configs: list[RunConfig], runs_dir, options: SlurmOptions, deadlin
                      for config in pending]
     jobs = {job.job_id: (config, job) for config, job in submitted}
     array = submitted[0][1].job_id.split("_")[0]
-    log(f"submitted {len(jobs)} runs as Slurm job array {array} ({options.cpus_per_run} CPUs"
+    log(f"submitted {count(len(jobs), 'run')} as Slurm job array {array} ({options.cpus_per_run} CPUs"
         f"{f', {options.gpus_per_run} GPUs' if options.gpus_per_run else ''} and {options.time_minutes} min a run, "
         f"at most {options.max_parallel} at once); logs in {folder}")
     waiting, trained, failures, cancelled_late = dict(jobs), 0, [], False

@@ -44,7 +44,8 @@ def test_perturbation_shares_are_each_classs_projection_on_the_whole_gradient(lo
     for c in range(10):
         mask = y == c
         g_c = flat(torch.autograd.grad(loss_fn(model(x[mask]), y[mask]) * mask.sum() / len(y), params))
-        assert shares[c] == pytest.approx(float(g_c.dot(whole) / whole.dot(whole)), rel=1e-6)
+        # float32 gradients summed in another order: agreement to 1e-6 of the whole (shares are O(0.01-1))
+        assert shares[c] == pytest.approx(float(g_c.dot(whole) / whole.dot(whole)), abs=1e-6)
     assert sum(shares) == pytest.approx(1.0, abs=1e-9)
 
 

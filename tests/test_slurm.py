@@ -5,6 +5,7 @@ starts ends the study; two jobs on one config are serialised by the run's lock."
 import dataclasses
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -127,32 +128,40 @@ def _wait_for(predicate, seconds, what):
 @pytest.mark.slow
 def test_the_smoke_study_on_slurm_survives_a_cancelled_job_and_matches_the_local_pool_bit_for_bit(cluster, tmp_path,
                                                                                                   smoke_study_store):
+    # The local pool's smoke store less three runs: two tuning runs and one final of a tuned arm, so that each phase
+    # submits an array (the rest is read back), one of its jobs is cancelled mid-run, and what Slurm trains is
+    # compared with what the local pool trained. (Training the whole study twice cost 5 minutes of the suite.)
     store, export = tmp_path / "slurm-store", tmp_path / "slurm-export"
-    # Array task i runs the i-th config the study submits: on an empty store, every tuning run and SGD's.
+    shutil.copytree(smoke_study_store, store, ignore=shutil.ignore_patterns("study-*.json", "lock"))
     plan = study.PLANS["smoke"]
-    first = study.tuning_configs(plan, threads=1) + study.final_configs(plan, None, threads=1)
     from aace.train import resolve_device
-    folders = [run_dir(c, resolve_device("cpu"), store) for c in first]
+    tuning = [run_dir(c, resolve_device("cpu"), store) for c in study.tuning_configs(plan, threads=1)[:2]]
+    final = next(p for p in sorted(store.glob("aace-*")) if (lambda c: c["method"] == "aace" and not c["normalize"]
+                 and c["seed"] == 1)(json.loads((p / "config.json").read_text())["config"]))
+    for folder in (*tuning, final):
+        shutil.rmtree(folder)
     process = _study(cluster, store, "--slurm-max-parallel", "2", export=export)
 
-    def a_running_task_with_a_checkpoint():
+    def a_running_task_with_a_checkpoint():  # array task i runs the i-th run the store lacks: here, tuning[i]
         line = cluster.run("squeue", "-h", "-t", "RUNNING", "-o", "%i", check=False).split()
-        ids = [i for i in line if "_" in i and (folders[int(i.split("_")[1])] / "checkpoint.pt").exists()]
+        ids = [i for i in line if "_" in i and (tuning[int(i.split("_")[1])] / "checkpoint.pt").exists()]
         return ids[0] if ids else None
     victim = _wait_for(a_running_task_with_a_checkpoint, 240, "a running job with a checkpoint")
     cluster.run("scancel", victim)
     out, _ = process.communicate(timeout=600)
     assert process.returncode == slurm.SLURM_FAILED, out
+    assert "submitted 2 runs as Slurm job array" in out, out
     failed = [line for line in out.splitlines() if line.startswith("FAILED:")]
     assert len(failed) == 1 and f"Slurm job {victim} " in failed[0] and "(log " in failed[0], out
     log = Path(failed[0].split("(log ")[1].split(")")[0])
     assert log.is_file()
     assert "resumes from its last checkpoint" in failed[0]
-    assert json.loads((folders[int(victim.split("_")[1])] / "summary.json").read_text())["status"] == "interrupted"
+    assert json.loads((tuning[int(victim.split("_")[1])] / "summary.json").read_text())["status"] == "interrupted"
 
     again = _study(cluster, store, export=export)  # the second submission resumes the cancelled run
     out, _ = again.communicate(timeout=600)
     assert again.returncode == 0, out
+    assert out.count("submitted 1 run as Slurm job array") == 2, out  # the cancelled run, then the final
     assert results.check_export(export) == []
 
     local = tmp_path / "local-export"  # the same study run by the local pool (once for the session)
@@ -164,6 +173,7 @@ def test_the_smoke_study_on_slurm_survives_a_cancelled_job_and_matches_the_local
     assert sorted(slurm_study["runs"]) == sorted(local_study["runs"])  # one hash, one folder: the same runs
     by_name = {r.path.name: results._results(r) for r in local_runs}
     assert {r.path.name: results._results(r) for r in slurm_runs} == by_name
+    assert {f.name for f in (*tuning, final)} <= set(by_name)
     assert slurm_study["invocations"][-1]["executor"] == "slurm"
 
 

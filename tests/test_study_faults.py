@@ -252,19 +252,25 @@ def test_print_commands_quotes_paths_and_each_command_trains_its_config(tmp_path
 
 # ----------------------------------------------------------------------------- issue 24: resume from a partial export
 
-def test_a_study_stopped_half_way_exported_and_resumed_on_an_empty_store_equals_an_uninterrupted_one(
+def test_a_study_stopped_part_way_exported_and_resumed_on_an_empty_store_equals_an_uninterrupted_one(
         finished, tmp_path, capsys):
-    _, whole = finished
+    whole_runs, whole = finished
     part_runs, export = tmp_path / "machine-a", tmp_path / "results" / "smoke"
-    # half of the tuning runs stored, then a stop: the partial export holds exactly those
+    # the first phase stored but its last tuning run (copied from the uninterrupted study's store: the same runs),
+    # then a stop: the partial export holds exactly those
     plan = study.PLANS["smoke"]
-    half = study.tuning_configs(plan, epochs=1)[:3]
-    from aace.pool import run_pool
-    run_pool(half, part_runs, workers=2, log=lambda line: None)
+    from aace.store import run_dir
+    from aace.train import resolve_device
+    tuning = study.tuning_configs(plan, epochs=1)
+    first = tuning + study.final_configs(plan, None, epochs=1)  # the first phase: tuning and SGD
+    missing = run_dir(tuning[-1], resolve_device("cpu"), whole_runs)
+    for folder in (run_dir(c, resolve_device("cpu"), whole_runs) for c in first):
+        if folder != missing:
+            shutil.copytree(folder, part_runs / folder.name, ignore=shutil.ignore_patterns("lock"))
     assert cli_main(study_argv(part_runs, "--stop-after", "0", "--export", str(export))) == 6
     assert "exported" in one_line_error(capsys, "--stop-after", "run the same command again")
     partial = json.loads((export / "study.json").read_text())
-    assert partial["complete"] is False and len(partial["runs"]) == 3 and results.check_export(export) == []
+    assert partial["complete"] is False and len(partial["runs"]) == len(first) - 1 and results.check_export(export) == []
     first_files = {p.relative_to(export): p.read_bytes() for p in (export / "runs").rglob("*") if p.is_file()}
     # another machine: an empty store, the committed export
     shutil.rmtree(part_runs)
@@ -277,8 +283,9 @@ def test_a_study_stopped_half_way_exported_and_resumed_on_an_empty_store_equals_
         assert run_fingerprint(export / "runs" / name) == run_fingerprint(whole / "runs" / name), name
     for relative, data in first_files.items():  # the exported runs were read in place, not trained again
         assert (export / relative).read_bytes() == data
-    assert sum(h["runs_trained"] for h in resumed["invocations"]) == len(resumed["runs"]) - 3
-    assert len([p for p in (tmp_path / "machine-b").glob("*-*") if p.is_dir()]) == len(resumed["runs"]) - 3
+    trained = len(resumed["runs"]) - len(first) + 1  # the missing tuning run and the tuned arms' finals
+    assert sum(h["runs_trained"] for h in resumed["invocations"]) == trained
+    assert len([p for p in (tmp_path / "machine-b").glob("*-*") if p.is_dir()]) == trained
 
 
 # ----------------------------------------------------------------------------- 3, 6: the book command
