@@ -23,17 +23,20 @@ clean-book:
 
 # The nbval fixture: train the smoke runs every page needs into tests/fixtures/runs and record the pages'
 # outputs from them into tests/nbval, with the smoke studies' exports that the GPU-scale sections and the intro's
-# reference answer read (the smoke copies of results/cpu-fashion-mnist and results/cpu-fashion-mnist-noise-50).
+# reference answer read (the smoke copies of the reference studies in results/).
 # Rerun it (and commit both) after a change to a page, to what a page trains, or to anything that changes a
 # run's numbers (a new aace.__version__).
 nbval-fixture:
 	scripts/setup.sh
-	rm -rf tests/fixtures/runs tests/fixtures/study-smoke tests/fixtures/study-smoke-noise /tmp/aace-checkpoints-read \
+	rm -rf tests/fixtures/runs tests/fixtures/study-smoke tests/fixtures/study-smoke-noise \
+	  tests/fixtures/study-smoke-imbalanced /tmp/aace-checkpoints-read \
 	  /tmp/aace-study-smoke
 	$(PY) -m aace study --profile smoke --workers 2 --threads 1 --runs-dir /tmp/aace-study-smoke \
 	  --export tests/fixtures/study-smoke
 	$(PY) -m aace study --profile smoke-noise --workers 2 --runs-dir /tmp/aace-study-smoke \
 	  --export tests/fixtures/study-smoke-noise
+	$(PY) -m aace study --profile smoke-imbalanced --workers 2 --runs-dir /tmp/aace-study-smoke \
+	  --export tests/fixtures/study-smoke-imbalanced
 	$(PY) scripts/pins.py --write-fixtures
 	env -u AACE_FROZEN_RUNS AACE_CHECKPOINT_LOG=/tmp/aace-checkpoints-read $(PY) -m aace book --profile smoke \
 	  --rerun --no-build --runs-dir tests/fixtures/runs --output-dir tests/nbval

@@ -14,8 +14,8 @@ from .paths import ROOT
 
 NOTEBOOK_DIR = ROOT / "notebooks"
 # In reading order; each becomes a page of the book.
-NOTEBOOKS = ["intro", "replication", "aace_loss", "comparison", "noise", "convergence", "table2", "table3", "ablations",
-             "claims", "label_noise", "limitations", "performance", "own_training_loop", "build_report"]
+NOTEBOOKS = ["intro", "replication", "aace_loss", "comparison", "noise", "imbalanced", "convergence", "table2", "table3",
+             "ablations", "claims", "label_noise", "limitations", "performance", "own_training_loop", "build_report"]
 REPORT = "build_report.json"  # beside the executed pages: what each page's last execution trained and read
 
 

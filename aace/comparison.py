@@ -12,6 +12,7 @@ from dataclasses import dataclass
 
 from . import experiments as ex
 from . import formatting as fmt
+from .plans import IMBALANCE_ARMS
 from .study import ALL_ARMS, TUNED_ARMS, arm_key, plan_for, run_study, tuned_field, tuned_value
 
 
@@ -27,7 +28,7 @@ class Comparison:
 
     def rho_of(self, key: str) -> float | None:
         """The rho an arm ran with in the final comparison ('sam', 'aace', ...); None for SGD."""
-        if key not in TUNED_ARMS:
+        if key not in TUNED_ARMS and key not in IMBALANCE_ARMS:
             return None
         if self.tuned:
             return self.study["chosen"][key]["rho"] if key in self.study["chosen"] else None
@@ -45,7 +46,8 @@ class Comparison:
                  "seed": r.config.seed,
                  "val_acc": r.summary.get("val_acc", float("nan")) if r.finished else float("nan"),
                  "train_acc": r.summary.get("train_acc", float("nan")) if r.finished else float("nan")}
-                for r in self.study["runs"] if r.config.seed in seeds and arm_key(r.config) in TUNED_ARMS]
+                for r in self.study["runs"] if r.config.seed in seeds
+                and (arm_key(r.config) in TUNED_ARMS or arm_key(r.config) in IMBALANCE_ARMS)]
         return pd.DataFrame(rows).sort_values(["arm", "rho", "seed"]).reset_index(drop=True)
 
     def tuning_table(self):
@@ -74,6 +76,10 @@ class Comparison:
         c, seeds = first.config, sorted(r.config.seed for r in next(iter(self.runs.values())))
         rhos = ", ".join(f"{name} {rs[0].config.rho:g}" for name, rs in self.runs.items() if rs[0].config.method != "sgd")
         noise = f" with {100 * c.label_noise:g} % of the training and validation labels noisy" if c.label_noise else ""
+        counts = c.class_counts()
+        if counts:
+            noise += (f" on a long-tailed training subset (imbalance ratio {c.imbalance_ratio:g}: {max(counts)} images of "
+                      f"the largest class down to {min(counts)} of the smallest, {sum(counts):,} in all)")
         text = (f"{fmt.dataset(c.dataset)}{noise}, {ex.describe(c)}; final seeds {fmt.seeds(seeds)}; final test "
                 f"accuracy on {ex.final_test_size(first):,} test images")
         if not self.tuned:

@@ -267,6 +267,11 @@ PROFILES: dict[str, dict] = {
                            lr_schedule="cosine", augment="no_cutout", train_subset=5000, val_subset=1000,
                            test_subset=1000, eval_every=4, final_full_test=True, seed=0, threads=1,
                            imbalance_ratio=100.0),
+    # The long-tailed testbed's seconds-long copy (the nbval fixture's third study): 50 images a class cut to the
+    # exponential profile at ratio 10 (50 down to 5 images, 199 in all), the smoke profile's schedule.
+    "smoke-imbalanced": dict(dataset="fashion_mnist", model="wrn-10-1", epochs=3, batch_size=64, lr=0.1,
+                             lr_schedule="cosine", augment="paper", train_subset=500, val_subset=128, test_subset=500,
+                             seed=0, threads=1, imbalance_ratio=10.0),
     # The noise testbed's seconds-long copy (the nbval fixture's second study).
     "smoke-noise": dict(dataset="fashion_mnist", model="wrn-10-1", epochs=3, batch_size=64, lr=0.1,
                         lr_schedule="cosine", augment="paper", train_subset=256, val_subset=128, test_subset=256,

@@ -144,3 +144,23 @@ def authors_logs() -> list[str]:
                    f"{epochs})")
     return [f"{'; '.join(out)}: {first['dataset'].upper().replace('CIFAR', 'CIFAR-')}, {first['model']}, "
             f"{first['epochs']} epochs, final-epoch test accuracy ({first['source']})"]
+
+
+def class_frame(finals: dict):
+    """One row per final run and class of a long-tailed study: arm, seed, class, its training images, its share of
+    the training images, test accuracy (%) and share of the perturbation (%), from what each run recorded at its end.
+    ``finals``: {arm name: runs}."""
+    import pandas as pd
+    rows = []
+    for arm, runs in finals.items():
+        for r in runs:
+            counts = r.config.class_counts()
+            accuracy, shares = r.summary.get("test_accuracy_by_class"), r.summary.get("perturbation_share_by_class")
+            if not (r.finished and counts and accuracy):
+                continue
+            for c, n in enumerate(counts):
+                rows.append({"arm": arm, "seed": r.config.seed, "class": c, "training images": n,
+                             "share of the training images (%)": 100 * n / sum(counts),
+                             "test accuracy (%)": 100 * accuracy[c],
+                             "perturbation share (%)": 100 * shares[c] if shares else float("nan")})
+    return pd.DataFrame(rows)

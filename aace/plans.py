@@ -113,6 +113,11 @@ PLANS = {
     "smoke-noise": Plan("smoke-noise", rhos={"sgd_ls": (0.1, 0.4), "sam": (0.05, 0.2), "aace": (0.2, 0.5),
                                              "aace_normalised": (0.05, 0.2)},
                         tuning_seeds=(100,), final_seeds=(0, 1, 2), final_arms=(*BASELINE_ARMS, *TUNED_ARMS, *CROSSED)),
+    # The long-tailed testbed in seconds (the imbalance page's nbval fixture).
+    "smoke-imbalanced": Plan("smoke-imbalanced", rhos={"sam": (0.05, 0.2), "aace": (0.05, 0.2),
+                                                       "sam_ewce_ascent": (0.05, 0.2), "sam_ewce_update": (0.05, 0.2)},
+                             tuning_seeds=(100,), final_seeds=(0, 1, 2),
+                             final_arms=("sgd", "sam", "aace", "sam_ewce_ascent", "sam_ewce_update")),
 }
 
 

@@ -20,10 +20,12 @@ LABELS = {
 PERCENT = ("train_acc", "test_acc", "val_acc")
 PALETTE = {"SGD": "tab:gray", "SGD, tuned label smoothing": "tab:brown", "SAM": "tab:blue", "SAM+AACE": "tab:orange",
            "SAM+AACE, normalised step": "tab:green", "SAM at normalised AACE's rho": "#1b4f72",
-           "SAM+AACE normalised at SAM's rho": "#145a32"}
+           "SAM+AACE normalised at SAM's rho": "#145a32", "SAM, weighted CE in the perturbation": "tab:purple",
+           "SAM, weighted CE in the update": "tab:pink"}
 MARKERS = {"SGD": "s", "SGD, tuned label smoothing": "D", "SAM": "o", "SAM+AACE": "^", "SAM+AACE, normalised step": "v",
-           "SAM at normalised AACE's rho": "P", "SAM+AACE normalised at SAM's rho": "X"}
-_SPARE = [c for c in ["tab:red", "tab:purple", "tab:pink", "tab:olive", "tab:cyan", "#7d6608", "#6c3483", "#b03a2e",
+           "SAM at normalised AACE's rho": "P", "SAM+AACE normalised at SAM's rho": "X",
+           "SAM, weighted CE in the perturbation": "<", "SAM, weighted CE in the update": ">"}
+_SPARE = [c for c in ["tab:red", "tab:olive", "tab:cyan", "#7d6608", "#6c3483", "#b03a2e",
                       "#117864", "#d35400", "#5d6d7e"] if c not in PALETTE.values()]
 _assigned: dict = {}
 
@@ -297,5 +299,33 @@ def build_times(minutes: dict, trained: dict):
     ax.invert_yaxis()
     ax.set_xlabel("minutes to execute the page")
     ax.grid(alpha=0.3, axis="x")
+    fig.tight_layout()
+    return fig
+
+
+def by_class(frame, column: str, ylabel: str, reference: str | None = None):
+    """Per class, ordered by its training images (log scale, head on the left): each arm's mean of ``column`` over
+    its seeds, with the seeds' min-max as a band. ``frame``: one row per arm, seed and class with 'arm', 'class',
+    'training images' and ``column`` (aace.imbalance.class_frame); ``reference``: a column drawn as a dashed line
+    (the same for every arm), such as each class's share of the training images."""
+    fig, ax = plt.subplots(figsize=(8.0, 4.2))
+    for arm, rows in frame.groupby("arm", sort=False):
+        per = rows.groupby("training images", sort=True)[column]
+        x, mean = np.array(per.mean().index, dtype=float), per.mean().to_numpy()
+        ax.plot(x, mean, marker=marker_for(arm), color=color_for(arm), label=arm)
+        ax.fill_between(x, per.min().to_numpy(), per.max().to_numpy(), color=color_for(arm), alpha=0.12, lw=0)
+    if reference is not None:
+        ref = frame.groupby("training images", sort=True)[reference].first()
+        ax.plot(ref.index, ref.to_numpy(), "k--", lw=1, label=reference)
+    counts = sorted(frame["training images"].unique())
+    ax.set_xscale("log")
+    ax.xaxis.set_major_locator(matplotlib.ticker.FixedLocator(counts))
+    ax.xaxis.set_major_formatter(matplotlib.ticker.FixedFormatter([str(int(c)) for c in counts]))
+    ax.xaxis.set_minor_locator(matplotlib.ticker.NullLocator())
+    ax.invert_xaxis()
+    ax.set_xlabel("training images of the class (head on the left, tail on the right)")
+    ax.set_ylabel(ylabel)
+    ax.grid(alpha=0.3)
+    ax.legend(frameon=False, fontsize=8)
     fig.tight_layout()
     return fig

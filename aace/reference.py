@@ -41,11 +41,17 @@ REFERENCES = {
     "cpu": {"clean": Testbed("clean", "cpu-reference", "results/cpu-fashion-mnist", "clean labels", 0.5,
                              "030b82a266c330fcfb6212853e1db3c1b988f672daa8d9487c785be30009fb07"),
             "noise": Testbed("noise", "cpu-noise-power", "results/cpu-fashion-mnist-noise-50", "40 % label noise", 1.0,
-                             "725dbc9b8fe5875ea6bd00ef8522786cf604ab6c0dad8595b3e894bb5315c403")},
+                             "725dbc9b8fe5875ea6bd00ef8522786cf604ab6c0dad8595b3e894bb5315c403"),
+            # Declared before its runs (issue 34); its digest is pinned when the study is complete.
+            "imbalanced": Testbed("imbalanced", "cpu-imbalanced", "results/cpu-fashion-mnist-imbalanced",
+                                  "long-tailed classes (imbalance ratio 100)", 1.0)},
     "smoke": {"clean": Testbed("clean", "smoke", "tests/fixtures/study-smoke", "clean labels", None,
                                "febb7e03baec3e2ce0d1dccf8b53b891e1f6487f810ec9ba50ee3c81665aaf29"),
               "noise": Testbed("noise", "smoke-noise", "tests/fixtures/study-smoke-noise", "40 % label noise", None,
-                               "10048f2f714285fe3548f9a1f49fb112a14ea276e356f7e7f031b14045e8c87b")},
+                               "10048f2f714285fe3548f9a1f49fb112a14ea276e356f7e7f031b14045e8c87b"),
+              "imbalanced": Testbed("imbalanced", "smoke-imbalanced", "tests/fixtures/study-smoke-imbalanced",
+                                    "long-tailed classes (imbalance ratio 10)", None,
+                                    "d8c564649329708126406bf05cf65338c2a65e5d3c54913774c637e688c5d3f1")},
 }
 TESTBEDS = REFERENCES["cpu"]
 

@@ -110,3 +110,23 @@ def reading(table) -> str | None:
         return None
     better = rows["verdict"].str.startswith("better").tolist()
     return READINGS[(better[0] and better[1], better[2])]
+
+
+def prediction_reading(head, tail) -> str:
+    """The issue's prediction, read by the declared rule from SAM+AACE − SAM's verdicts on the head and the tail
+    classes (``verdicts`` tables under the 'head' and 'tail' scorings), declared before the long-tailed
+    study's runs: 'supported' when the tail verdict is 'worse' and the head's neither 'better' nor 'worse';
+    'contradicted' when the tail verdict is 'better' or 'equivalent'; otherwise 'not decided' by these seeds. Where
+    SAM does not beat SGD under a scoring (the positive control), nothing is decided."""
+    words = []
+    for table in (head, tail):
+        rows = table[table["comparison"] == name("aace", "sam")]
+        if rows.empty or NO_CONTROL in rows["verdict"].iloc[0]:
+            return "not decided"
+        words.append(rows["verdict"].iloc[0].split(" ")[0].rstrip(":"))
+    head_word, tail_word = words
+    if tail_word == "worse" and head_word not in ("better", "worse"):
+        return "supported"
+    if tail_word in ("better", "equivalent"):
+        return "contradicted"
+    return "not decided"

@@ -96,3 +96,55 @@ def test_the_long_tailed_study_asks_its_declared_questions_and_no_other():
     assert table[table["question"] == "AACE"]["comparison"].tolist() == ["SAM+AACE − SAM"]
     assert len(table[table["question"] == "weighted CE in SAM"]) == 3
     assert table.iloc[0]["verdict"].startswith("better")  # the positive control, SAM 1 point over SGD
+
+
+def _group_finals(tail_effect, head_effect, control=0.05, n=12):
+    """Finals of SGD, SAM and SAM+AACE whose head and tail class accuracies differ by the given effects (points
+    scaled to accuracy), a seeded spread of 0.3 points; SAM beats SGD by ``control`` on every class."""
+    g = torch.Generator().manual_seed(7)
+    finals = {"sgd": [], "sam": [], "aace": []}
+    for s in range(n):
+        jitter = (0.003 * torch.randn(3, generator=g)).tolist()
+        sgd = [0.6 + jitter[1]] * 10
+        sam = [a + control + (jitter[2] if control else 0.0) for a in sgd]  # no control: SAM's runs are SGD's
+        aace = [a + (head_effect if c in (0, 1, 2) else tail_effect if c in (7, 8, 9) else 0.0) + jitter[0]
+                for c, a in enumerate(sam)]
+        for key, by_class in (("sgd", sgd), ("sam", sam), ("aace", aace)):
+            finals[key].append(_Run(key, s, sum(by_class) / 10, by_class))
+    return finals
+
+
+@pytest.mark.parametrize("tail, head, control, expected", [
+    (-0.05, 0.0, 0.05, "supported"),       # the tail loses, the head does not move
+    (-0.05, -0.05, 0.05, "not decided"),    # the head loses too: not the prediction's pattern
+    (0.05, 0.0, 0.05, "contradicted"),      # the tail gains
+    (0.0, 0.0, 0.05, "contradicted"),       # the tail does not move (equivalent)
+    (-0.05, 0.0, 0.0, "not decided"),       # SAM does not beat SGD: the testbed cannot see SAM's effect
+])
+def test_the_prediction_is_read_by_its_declared_rule(tail, head, control, expected):
+    from aace import verdicts
+    finals = _group_finals(tail, head, control)
+    assert verdicts.prediction_reading(verdicts.verdicts(finals, "head"), verdicts.verdicts(finals, "tail")) == expected
+
+
+def test_the_class_frame_holds_each_run_s_classes_with_their_training_images():
+    from aace import evidence
+    finals = _group_finals(-0.05, 0.0)
+    frame = evidence.class_frame({"SAM": finals["sam"]})
+    counts = finals["sam"][0].config.class_counts()
+    assert len(frame) == 12 * 10 and frame["training images"].tolist()[:10] == counts
+    assert frame.groupby("seed")["share of the training images (%)"].sum().round(9).eq(100).all()
+    assert frame["test accuracy (%)"].iloc[0] == pytest.approx(100 * finals["sam"][0].summary["test_accuracy_by_class"][0])
+
+
+def test_the_imbalance_page_reads_the_smoke_study_and_draws_each_arm_in_its_colour():
+    from matplotlib.colors import to_hex
+    from aace import comparison, evidence, plots
+    comp = comparison.testbed_comparison("imbalanced", "smoke")
+    assert set(comp.by_key()) == {"sgd", "sam", "aace", "sam_ewce_ascent", "sam_ewce_update"}
+    frame = evidence.class_frame(comp.runs)
+    fig = plots.by_class(frame, "test accuracy (%)", "test accuracy (%)")
+    lines = {line.get_label(): to_hex(line.get_color()) for line in fig.axes[0].get_lines()}
+    assert lines == {arm: to_hex(plots.color_for(arm)) for arm in comp.runs}
+    assert set(comp.tuning_frame()["arm"]) == {"SAM", "SAM+AACE", "SAM, weighted CE in the perturbation",
+                                               "SAM, weighted CE in the update"}

@@ -199,7 +199,20 @@ def test_every_committed_export_passes_the_integrity_check_and_carries_its_prove
     assert runs and all(r.summary["wall_seconds"] > 0 for r in runs if r.finished)
 
 
-@pytest.mark.parametrize("testbed", sorted(reference.TESTBEDS))
+# The settled studies: those whose export's digest is pinned. A study declared before its runs (the long-tailed one
+# while it trains) is pinned when complete; until then its page and the intro say how far it is.
+SETTLED = sorted(k for k, bed in reference.TESTBEDS.items() if bed.digest)
+
+
+def test_a_study_not_yet_pinned_is_not_yet_complete():
+    """An unpinned export is read without a pin check: it must not be a complete study that the book then trusts."""
+    for key, bed in reference.TESTBEDS.items():
+        if not bed.digest:
+            study, _, problems = reference.read(key, "cpu")
+            assert study is None and problems, f"{bed.export} is complete: pin its digest in aace/reference.py"
+
+
+@pytest.mark.parametrize("testbed", SETTLED)
 def test_the_book_s_reference_studies_are_complete_and_read_without_problems(testbed):
     study, runs, problems = reference.read(testbed, "cpu")
     from aace.study import PLANS, _plan_record
@@ -207,7 +220,7 @@ def test_the_book_s_reference_studies_are_complete_and_read_without_problems(tes
     assert all(v["edge"] is None for v in study["chosen"].values())  # every choice interior (issue 23, item 3)
 
 
-@pytest.mark.parametrize("testbed", sorted(reference.TESTBEDS))
+@pytest.mark.parametrize("testbed", SETTLED)
 def test_the_book_s_reference_studies_reach_their_declared_power(testbed):
     """SAM+AACE - SAM's MDE at its Holm level, on the final-epoch scoring the intro's finding gives, within the
     target declared with the study (the best-epoch scoring, noisier, is reported beside it without a target)."""
@@ -216,7 +229,7 @@ def test_the_book_s_reference_studies_reach_their_declared_power(testbed):
     table, problems = reference.answer("cpu")
     rows = table[(table["testbed"] == bed.title) & (table["comparison"] == name("aace", "sam"))
                  & (table["scoring"] == "final")]
-    assert problems == {} and len(rows) == 1 and bed.mde_target is not None
+    assert bed.title not in problems and len(rows) == 1 and bed.mde_target is not None
     assert (rows["MDE (points)"] <= bed.mde_target).all(), rows
 
 
