@@ -26,11 +26,17 @@ def study_argv(runs_dir, *more):
     return ["study", *FAST, "--runs-dir", str(runs_dir), *more]
 
 
+def shared_argv(runs_dir, *more):
+    """The command of the session's smoke study (conftest's ``smoke_study_store``), whose runs ``finished`` holds."""
+    return ["study", "--profile", "smoke", "--workers", "2", "--threads", "1", "--runs-dir", str(runs_dir), *more]
+
+
 @pytest.fixture(scope="module")
-def finished(tmp_path_factory):
-    """A store holding the whole fast study, and its export."""
+def finished(tmp_path_factory, smoke_study_store):
+    """A store holding the whole smoke study (a copy of the session's: nothing trains here), and its export."""
     root = tmp_path_factory.mktemp("finished")
-    assert cli_main(study_argv(root / "runs", "--export", str(root / "export"))) == 0
+    shutil.copytree(smoke_study_store, root / "runs", ignore=shutil.ignore_patterns("lock"))
+    assert cli_main(shared_argv(root / "runs", "--export", str(root / "export"))) == 0
     return root / "runs", root / "export"
 
 
@@ -67,7 +73,7 @@ def test_export_into_a_folder_with_other_files_is_refused_and_deletes_nothing(fi
     target = tmp_path / "E"
     target.mkdir()
     (target / "thesis.txt").write_text("x")
-    assert cli_main(study_argv(runs_dir, "--export", str(target))) == 2
+    assert cli_main(shared_argv(runs_dir, "--export", str(target))) == 2
     one_line_error(capsys, "--export", "not empty")
     assert (target / "thesis.txt").read_text() == "x" and sorted(os.listdir(target)) == ["thesis.txt"]
     # the parent of a folder, given as '..' from inside it: refused, nothing deleted
@@ -77,14 +83,14 @@ def test_export_into_a_folder_with_other_files_is_refused_and_deletes_nothing(fi
     cwd = os.getcwd()
     try:
         os.chdir(inner)
-        assert cli_main(study_argv(runs_dir, "--export", "..")) == 2
+        assert cli_main(shared_argv(runs_dir, "--export", "..")) == 2
     finally:
         os.chdir(cwd)
     one_line_error(capsys, "--export")
     assert (tmp_path / "project" / "notes.md").read_text() == "keep" and inner.is_dir()
     # a file: refused, and no 'somefile.tmp' beside it
     (tmp_path / "somefile").write_text("data")
-    assert cli_main(study_argv(runs_dir, "--export", str(tmp_path / "somefile"))) == 2
+    assert cli_main(shared_argv(runs_dir, "--export", str(tmp_path / "somefile"))) == 2
     one_line_error(capsys, "is a file")
     assert (tmp_path / "somefile").read_text() == "data" and not leftovers(tmp_path)
 
@@ -94,26 +100,26 @@ def test_export_replaces_an_earlier_export_of_the_same_study_but_not_one_with_a_
     runs_dir, export_dir = finished
     copy = tmp_path / "copy"
     shutil.copytree(export_dir, copy)
-    assert cli_main(study_argv(runs_dir, "--export", str(copy))) == 0
+    assert cli_main(shared_argv(runs_dir, "--export", str(copy))) == 0
     assert results.check_export(copy) == [] and not leftovers(tmp_path)
     (copy / "runs" / "mine.txt").write_text("x")
-    assert cli_main(study_argv(runs_dir, "--export", str(copy))) == 2
+    assert cli_main(shared_argv(runs_dir, "--export", str(copy))) == 2
     one_line_error(capsys, "mine.txt")
     assert (copy / "runs" / "mine.txt").exists()
     # an empty folder and a link it did not write: refused, kept (issue 31, item 6)
     (copy / "runs" / "mine.txt").unlink()
     (copy / "runs" / "my-notes").mkdir()
-    assert cli_main(study_argv(runs_dir, "--export", str(copy))) == 2
+    assert cli_main(shared_argv(runs_dir, "--export", str(copy))) == 2
     one_line_error(capsys, "runs/my-notes/")
     assert (copy / "runs" / "my-notes").is_dir()
     (copy / "runs" / "my-notes").rmdir()
     (copy / "paper.pdf").symlink_to(tmp_path)
-    assert cli_main(study_argv(runs_dir, "--export", str(copy))) == 2
+    assert cli_main(shared_argv(runs_dir, "--export", str(copy))) == 2
     one_line_error(capsys, "paper.pdf: not a plain file")
     assert (copy / "paper.pdf").is_symlink()
     (copy / "paper.pdf").unlink()
     (copy / "study.json").write_text('{"profile": "smo')  # a damaged export: the run store's exit code
-    assert cli_main(study_argv(runs_dir, "--export", str(copy))) == 4
+    assert cli_main(shared_argv(runs_dir, "--export", str(copy))) == 4
     one_line_error(capsys, "study.json is damaged", str(copy))
 
 
@@ -146,7 +152,7 @@ def test_export_onto_a_full_disk_names_the_folder_and_the_space_and_keeps_the_ea
             raise OSError(errno.ENOSPC, "No space left on device")
         return real_copy(src, dst, *args, **kwargs)
     monkeypatch.setattr(shutil, "copyfile", full)
-    assert cli_main(study_argv(runs_dir, "--export", str(copy))) == 5
+    assert cli_main(shared_argv(runs_dir, "--export", str(copy))) == 5
     one_line_error(capsys, "disk full writing the export", str(copy), "bytes beside the earlier export", "free once")
     assert {p: p.read_bytes() for p in copy.rglob("*") if p.is_file()} == before
     assert not leftovers(tmp_path)
@@ -163,7 +169,7 @@ def test_history_write_on_a_full_disk_leaves_no_temporary_file(finished, tmp_pat
             raise OSError(errno.ENOSPC, "No space left on device")
         real_fsync(fd)
     monkeypatch.setattr(os, "fsync", fsync)
-    assert cli_main(study_argv(runs_dir)) == 5
+    assert cli_main(shared_argv(runs_dir)) == 5
     one_line_error(capsys, "disk full writing", "study-smoke.json", "bytes needed")
     assert not leftovers(runs_dir)
 
@@ -256,25 +262,22 @@ def test_a_study_stopped_part_way_exported_and_resumed_on_an_empty_store_equals_
         finished, tmp_path, capsys):
     whole_runs, whole = finished
     part_runs, export = tmp_path / "machine-a", tmp_path / "results" / "smoke"
-    # the first phase stored but its last tuning run (copied from the uninterrupted study's store: the same runs),
+    # every run stored but one final of a tuned arm (copied from the uninterrupted study's store: the same runs),
     # then a stop: the partial export holds exactly those
-    plan = study.PLANS["smoke"]
-    from aace.store import run_dir
-    from aace.train import resolve_device
-    tuning = study.tuning_configs(plan, epochs=1)
-    first = tuning + study.final_configs(plan, None, epochs=1)  # the first phase: tuning and SGD
-    missing = run_dir(tuning[-1], resolve_device("cpu"), whole_runs)
-    for folder in (run_dir(c, resolve_device("cpu"), whole_runs) for c in first):
+    stored = sorted(p for p in whole_runs.glob("*-*") if (p / "summary.json").is_file())
+    missing = next(p for p in stored if json.loads((p / "config.json").read_text())["config"]["method"] == "aace"
+                   and json.loads((p / "config.json").read_text())["config"]["seed"] == 1)
+    for folder in stored:
         if folder != missing:
             shutil.copytree(folder, part_runs / folder.name, ignore=shutil.ignore_patterns("lock"))
-    assert cli_main(study_argv(part_runs, "--stop-after", "0", "--export", str(export))) == 6
+    assert cli_main(shared_argv(part_runs, "--stop-after", "0", "--export", str(export))) == 6
     assert "exported" in one_line_error(capsys, "--stop-after", "run the same command again")
     partial = json.loads((export / "study.json").read_text())
-    assert partial["complete"] is False and len(partial["runs"]) == len(first) - 1 and results.check_export(export) == []
+    assert partial["complete"] is False and len(partial["runs"]) == len(stored) - 1 and results.check_export(export) == []
     first_files = {p.relative_to(export): p.read_bytes() for p in (export / "runs").rglob("*") if p.is_file()}
     # another machine: an empty store, the committed export
     shutil.rmtree(part_runs)
-    assert cli_main(study_argv(tmp_path / "machine-b", "--export", str(export))) == 0
+    assert cli_main(shared_argv(tmp_path / "machine-b", "--export", str(export))) == 0
     resumed = json.loads((export / "study.json").read_text())
     assert resumed["complete"] is True and results.check_export(export) == []
     reference = json.loads((whole / "study.json").read_text())
@@ -283,9 +286,9 @@ def test_a_study_stopped_part_way_exported_and_resumed_on_an_empty_store_equals_
         assert run_fingerprint(export / "runs" / name) == run_fingerprint(whole / "runs" / name), name
     for relative, data in first_files.items():  # the exported runs were read in place, not trained again
         assert (export / relative).read_bytes() == data
-    trained = len(resumed["runs"]) - len(first) + 1  # the missing tuning run and the tuned arms' finals
-    assert sum(h["runs_trained"] for h in resumed["invocations"]) == trained
-    assert len([p for p in (tmp_path / "machine-b").glob("*-*") if p.is_dir()]) == trained
+    assert len(resumed["runs"]) == len(stored)
+    assert sum(h["runs_trained"] for h in resumed["invocations"]) == 1  # the missing run, and nothing else
+    assert [p.name for p in (tmp_path / "machine-b").glob("*-*") if p.is_dir()] == [missing.name]
 
 
 # ----------------------------------------------------------------------------- 3, 6: the book command
