@@ -192,7 +192,7 @@ def run_slurm(configs: list[RunConfig], runs_dir, options: SlurmOptions, deadlin
                 if code in (0, 1):  # 1: diverged, a result like any other
                     run_ = load_run(path)
                     runs.append(run_)
-                    trained += 1
+                    trained += _trained_by(job)
                     s = run_.summary
                     log(f"[{len(runs)}/{len(configs)}] {config.label()} seed {config.seed} (job {job_id}): "
                         f"{s.get('status')}, val {100 * (s.get('val_acc') or float('nan')):.2f} %, test "
@@ -230,6 +230,15 @@ def run_slurm(configs: list[RunConfig], runs_dir, options: SlurmOptions, deadlin
         raise RunFailed(f"{len(failures)} of the {len(jobs)} runs of Slurm job array {array} failed (the lines above "
                         f"name each job and its log); run the study again to resume them", SLURM_FAILED)
     return runs, len(runs) == len(configs), trained
+
+
+def _trained_by(job) -> bool:
+    """Whether the job trained its run, rather than read it back (another study on the same store ran it): the train
+    command's line in the job's log, as the local pool reads it from its child."""
+    try:
+        return " (trained): " in Path(job.paths.stdout).read_text(errors="replace")
+    except OSError:
+        return False
 
 
 def _job_code(job):

@@ -175,6 +175,8 @@ def test_the_smoke_study_on_slurm_survives_a_cancelled_job_and_matches_the_local
     assert {r.path.name: results._results(r) for r in slurm_runs} == by_name
     assert {f.name for f in (*tuning, final)} <= set(by_name)
     assert slurm_study["invocations"][-1]["executor"] == "slurm"
+    # the second submission trained the cancelled run and the final; the runs it read back are not counted
+    assert slurm_study["invocations"][-1]["runs_trained"] == 2, slurm_study["invocations"]
 
 
 @pytest.mark.slow
