@@ -38,9 +38,10 @@ def alive(pid):
     return state != "Z"
 
 
-# Three runs (one tuning run, SGD, SAM at the chosen rho) long enough to be signalled mid-run. SIGINT is set to
-# Python's handler: a shell starts background jobs (make test under nohup ... &) with it ignored.
-TINY_PLAN = study.Plan("smoke", {"sam": (0.05,)}, tuning_seeds=(100,), final_seeds=(0,))
+# Two runs (one tuning run and SGD, both in the first phase: two workers train both at once) long enough to be
+# signalled mid-run. SIGINT is set to Python's handler: a shell starts background jobs (make test under nohup ... &)
+# with it ignored.
+TINY_PLAN = study.Plan("smoke", {"sam": (0.05,)}, tuning_seeds=(100,), final_seeds=(0,), final_arms=("sgd",))
 # 30 epochs of 128 images (2 steps each), scored on 64: a window of seconds to signal the runs in, at a third of the
 # work of 40 epochs of the smoke profile's 256 images, which the resumed cases below must finish.
 SLOW = ["--epochs", "30", "--train-subset", "128", "--val-subset", "64", "--test-subset", "64"]
