@@ -164,3 +164,22 @@ def class_frame(finals: dict):
                              "test accuracy (%)": 100 * accuracy[c],
                              "perturbation share (%)": 100 * shares[c] if shares else float("nan")})
     return pd.DataFrame(rows)
+
+
+# The noise study's first version (2 tuning seeds, SAM's grid coarser than AACE's: 0.05, 0.1, 0.2, 0.5), which the
+# reference study grew from (issue 30, item 2); kept so that the noise page can show what fair tuning changed.
+FIRST_NOISE_STUDY = "results/cpu-fashion-mnist-noise-50"
+
+
+def first_noise_study(profile: str):
+    """(verdict table, chosen values) of the noise study's first version, read from its export and checked against
+    its recorded digests; None for a profile other than 'cpu' or when the export cannot be read."""
+    from .paths import ROOT
+    from .results import final_runs, read_export
+    if profile != "cpu":
+        return None
+    study, runs, problems = read_export(ROOT / FIRST_NOISE_STUDY)
+    if study is None:
+        return None
+    finals = {k: sorted(rs, key=lambda r: r.config.seed) for k, rs in final_runs({**study, "runs": runs}, runs).items()}
+    return verdicts(finals), study["chosen"]
