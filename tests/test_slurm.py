@@ -111,8 +111,10 @@ def cluster(tmp_path_factory):
 def _study(cluster, runs_dir, *more, export=None):
     argv = [sys.executable, "-m", "aace", "study", "--profile", "smoke", "--runs-dir", str(runs_dir),
             "--executor", "slurm", "--slurm-cpus-per-run", "1", *more, *(["--export", str(export)] if export else [])]
+    # SIGINT back to its default in the child, so that Python installs its Ctrl-C handler there: a shell starts
+    # background jobs (make test under nohup ... &) with SIGINT ignored, and the child would inherit that.
     return subprocess.Popen(argv, cwd=ROOT, env=cluster.env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                            text=True)
+                            text=True, preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
 
 
 def _wait_for(predicate, seconds, what):
