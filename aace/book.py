@@ -299,6 +299,28 @@ def hide_parameter_cells(path: Path) -> None:
     nbformat.write(nb, str(path))
 
 
+def repository_url(remote: str | None) -> str | None:
+    """The web address of a git remote ('https://host/owner/repo'), from an https or scp-like ssh remote; None for
+    a local path or nothing."""
+    import re
+    if not remote:
+        return None
+    remote = remote.strip()
+    if remote.startswith(("https://", "http://")):
+        return re.sub(r"\.git$", "", re.sub(r"//[^/@]+@", "//", remote))
+    ssh = re.fullmatch(r"(?:ssh://)?git@([^:/]+)[:/](.+?)(?:\.git)?", remote)
+    return f"https://{ssh.group(1)}/{ssh.group(2)}" if ssh else None
+
+
+def _origin(path: Path) -> str | None:
+    try:
+        out = subprocess.run(["git", "remote", "get-url", "origin"], cwd=path, capture_output=True, text=True,
+                             timeout=30)
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return out.stdout.strip() if out.returncode == 0 else None
+
+
 def build_book(path: str | os.PathLike = ROOT) -> None:
     """``jupyter-book build PATH -W -n --keep-going``: warnings are errors. The footer names the commit and the
     date of the build (a generated copy of _config.yml beside the build)."""
@@ -313,6 +335,10 @@ def build_book(path: str | os.PathLike = ROOT) -> None:
     config.setdefault("html", {})["extra_footer"] = (f"<p>Built {built} from commit <code>{git_commit()[:12]}"
                                                      f"</code>; every number on these pages comes from that "
                                                      f"commit's code and exports.</p>")
+    url = repository_url(_origin(path))
+    if url:  # the reader's own clone's origin: a link only where the checkout has a web address to point to
+        config["repository"] = {"url": url, "branch": "main"}
+        config["html"]["use_repository_button"] = True
     generated = path / "_build" / "_config.generated.yml"
     generated.parent.mkdir(parents=True, exist_ok=True)
     generated.write_text(yaml.safe_dump(config, sort_keys=False))
