@@ -50,4 +50,3 @@ def perturbation_class_shares(model: torch.nn.Module, loss_fn, loader: BatchLoad
     whole = torch.stack(per_class).sum(0)
     norm2 = whole.dot(whole)
     return [float(g.dot(whole) / norm2) if norm2 > 0 else float("nan") for g in per_class]
-

@@ -14,7 +14,8 @@ for profile, beds in reference.REFERENCES.items():
     for key, bed in beds.items():
         path = reference.ROOT / bed.export / "study.json"
         digest = json.loads(path.read_text())["digest"] if path.is_file() else None
-        state = "pinned" if digest == bed.digest else "DIFFERS from the pin"
+        state = ("not pinned yet (no complete export)" if bed.digest is None else
+                 "pinned" if digest == bed.digest else "DIFFERS from the pin")
         if write and profile == "smoke" and digest and digest != bed.digest:
             source, n = re.subn(re.escape(bed.digest), digest, source)
             state = f"pin rewritten ({n})"
