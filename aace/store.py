@@ -169,12 +169,36 @@ def write_epoch(path: Path, epoch_rows: list[dict], step_stats: torch.Tensor, st
 
 
 def write_tables(path: Path, epoch_rows: list[dict], step_stats: torch.Tensor) -> None:
-    """metrics.csv and steps.csv, from the history a checkpoint holds."""
-    _atomic_write_text(path / "metrics.csv", _csv(epoch_rows))
+    """metrics.csv and steps.csv, from the history a checkpoint holds; a signal waits until both are written, so
+    that a stopped run's two tables always agree (a SIGTERM between them left one epoch short)."""
     steps_per_epoch = len(step_stats) // len(epoch_rows)
     rows = [{"epoch": i // steps_per_epoch + 1, "step": i + 1,
              **{name: float(v) for name, v in zip(STEP_COLUMNS, values)}} for i, values in enumerate(step_stats.tolist())]
-    _atomic_write_text(path / "steps.csv", _csv(rows))
+    with signals_deferred():
+        _atomic_write_text(path / "metrics.csv", _csv(epoch_rows))
+        _atomic_write_text(path / "steps.csv", _csv(rows))
+
+
+@contextlib.contextmanager
+def signals_deferred():
+    """SIGINT and SIGTERM held while the block runs, then handled as they would have been (main thread only)."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    got, previous = [], {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
+    for s in previous:
+        signal.signal(s, lambda signum, frame: got.append(signum))
+    try:
+        yield
+    finally:
+        for s, handler in previous.items():
+            signal.signal(s, handler)
+    if got:
+        handler = previous[got[0]]
+        if callable(handler):
+            handler(got[0], None)  # Python's own: raises KeyboardInterrupt, or Terminated under sigterm_raises
+        elif handler != signal.SIG_IGN:
+            os.kill(os.getpid(), got[0])  # the default action, now that the handler is back
 
 
 def load_checkpoint(path: Path, device: torch.device) -> dict | None:
