@@ -140,8 +140,9 @@ def read(testbed: str, profile: str = "cpu"):
         return None, [], problems
     study, runs, problems = read_export(directory, __version__)
     if study is not None and not study["complete"]:
-        return None, [], [f"the reference study is not complete yet: {len(runs)} runs exported; `{study['command']}` "
-                          f"resumes it from the export"]
+        return None, [], [f"the reference study is not complete yet: {len(runs)} runs exported; `python -m aace study "
+                          f"--profile {beds[testbed].plan} --workers 2 --export {beds[testbed].export}` resumes it from "
+                          f"the export"]
     return study, runs, problems
 
 
