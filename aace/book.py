@@ -168,7 +168,7 @@ def execute_notebooks(profile: str, names: list[str] | None = None, parameters: 
     is always executed."""
     import papermill
 
-    from .store import Terminated
+    from .signals import Terminated
     names = names or NOTEBOOKS
     unknown = [n for n in names if n not in NOTEBOOKS]
     if unknown:

@@ -10,7 +10,7 @@ import shlex
 import sys
 from pathlib import Path
 
-from . import store
+from . import signals, store
 from .config import PROFILES, RunConfig, field_names, profile_config
 from .study import PLANS
 
@@ -107,7 +107,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     debug = args.debug or os.environ.get("AACE_DEBUG", "") not in ("", "0")
     try:
-        with store.sigterm_raises():
+        with signals.sigterm_raises():
             if args.command == "train":
                 return _train(args)
             if args.command == "study":
@@ -115,13 +115,13 @@ def main(argv: list[str] | None = None) -> int:
             if args.command == "runs":
                 return _runs(args)
             return _book(args, parser)
-    except (Exception, KeyboardInterrupt, store.Terminated) as err:
+    except (Exception, KeyboardInterrupt, signals.Terminated) as err:
         code = exit_code(err)
         if code is None or debug:
             raise  # unexpected: the traceback is the report
         message = " ".join(str(err).split()) if not isinstance(err, OSError) or not err.strerror else \
             " ".join(err.strerror.split())
-        if isinstance(err, (KeyboardInterrupt, store.Terminated)):
+        if isinstance(err, (KeyboardInterrupt, signals.Terminated)):
             message = f"interrupted by {'SIGINT' if isinstance(err, KeyboardInterrupt) else 'SIGTERM'}"
         print(f"error: {message}", file=sys.stderr)
         return code
@@ -173,7 +173,7 @@ def exit_code(err: BaseException) -> int | None:
         return err.exit_code
     if isinstance(err, KeyboardInterrupt):
         return EXIT_CODES["SIGINT"]
-    if isinstance(err, store.Terminated):
+    if isinstance(err, signals.Terminated):
         return EXIT_CODES["SIGTERM"]
     if isinstance(err, (DatasetNotFound, DatasetCorrupt)):
         return EXIT_CODES["data"]

@@ -198,7 +198,8 @@ def run_pool(configs: list[RunConfig], runs_dir=None, workers: int = 1, deadline
     trained), ``trained`` the runs these children trained (not read back). After ``deadline`` (a time.time())
     no new run starts; the ones under way finish. ``found(config)``: a stored run from elsewhere (an export),
     or None. A child that ends other than finished or diverged stops the others and raises ``RunFailed``."""
-    from .store import Terminated, default_runs_dir, load_run, run_dir
+    from .signals import Terminated
+    from .store import default_runs_dir, load_run, run_dir
     from .train import resolve_device
     if not (isinstance(workers, int) and not isinstance(workers, bool) and workers >= 1):
         raise ValueError(f"--workers: expected an integer >= 1, got {workers!r}")

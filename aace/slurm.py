@@ -141,7 +141,8 @@ def run_slurm(configs: list[RunConfig], runs_dir, options: SlurmOptions, deadlin
     its job id and log, the others go on, and ``RunFailed`` ends the call; so does a queue where nothing has run
     for ``pending_limit_minutes``. Ctrl-C or SIGTERM cancels the array and says so."""
     import submitit
-    from .store import Terminated, load_run, run_dir
+    from .signals import Terminated
+    from .store import load_run, run_dir
     import torch
     log = log or (lambda line: print(line, flush=True))
     runs_dir = Path(runs_dir).resolve()

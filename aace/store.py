@@ -11,7 +11,6 @@ checkpoint starts with the SHA-256 of the rest of it, so that damage is detected
 """
 from __future__ import annotations
 
-import contextlib
 import csv
 import errno
 import fcntl
@@ -21,15 +20,14 @@ import json
 import math
 import os
 import shutil
-import signal
 import sys
-import threading
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
 from .config import RunConfig
+from .signals import signals_deferred
 from .tables import EPOCH_COLUMNS, STEP_COLUMNS, summary_problem
 
 
@@ -52,27 +50,6 @@ def default_runs_dir() -> Path:
 def run_dir(config: RunConfig, device: torch.device, runs_dir=None) -> Path:
     threads = config.threads or torch.get_num_threads()  # what _train will run with
     return Path(runs_dir or default_runs_dir()) / f"{config.method}-{config.run_hash(device.type, threads)}"
-
-
-class Terminated(BaseException):
-    """SIGTERM, raised where the run is (like KeyboardInterrupt for SIGINT)."""
-
-
-@contextlib.contextmanager
-def sigterm_raises():
-    """SIGTERM raises ``Terminated`` where the program is, as Ctrl-C raises KeyboardInterrupt (main thread only,
-    where Python runs signal handlers)."""
-    if threading.current_thread() is not threading.main_thread():
-        yield
-        return
-
-    def handler(signum, frame):
-        raise Terminated()
-    previous = signal.signal(signal.SIGTERM, handler)
-    try:
-        yield
-    finally:
-        signal.signal(signal.SIGTERM, previous)
 
 
 class RunInterrupted(Exception):
@@ -177,28 +154,6 @@ def write_tables(path: Path, epoch_rows: list[dict], step_stats: torch.Tensor) -
     with signals_deferred():
         _atomic_write_text(path / "metrics.csv", _csv(epoch_rows))
         _atomic_write_text(path / "steps.csv", _csv(rows))
-
-
-@contextlib.contextmanager
-def signals_deferred():
-    """SIGINT and SIGTERM held while the block runs, then handled as they would have been (main thread only)."""
-    if threading.current_thread() is not threading.main_thread():
-        yield
-        return
-    got, previous = [], {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
-    for s in previous:
-        signal.signal(s, lambda signum, frame: got.append(signum))
-    try:
-        yield
-    finally:
-        for s, handler in previous.items():
-            signal.signal(s, handler)
-    if got:
-        handler = previous[got[0]]
-        if callable(handler):
-            handler(got[0], None)  # Python's own: raises KeyboardInterrupt, or Terminated under sigterm_raises
-        elif handler != signal.SIG_IGN:
-            os.kill(os.getpid(), got[0])  # the default action, now that the handler is back
 
 
 def load_checkpoint(path: Path, device: torch.device) -> dict | None:

@@ -143,7 +143,8 @@ def run_study(profile: str, runs_dir=None, workers: int = 1, stop_after: float |
     place from elsewhere (a committed partial export), else None; ``earlier_invocations``: that export's history.
     ``slurm``: an ``aace.slurm.SlurmOptions`` to run each phase as a Slurm job array instead of the local pool.
     An invocation stopped by a signal or a failed run is recorded in the history before the error goes on."""
-    from .store import Terminated, default_runs_dir
+    from .signals import Terminated
+    from .store import default_runs_dir
     check_overrides(overrides)
     plan = plan or plan_for(profile)
     if stop_after is not None:

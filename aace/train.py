@@ -17,7 +17,7 @@ from pathlib import Path
 
 import torch
 
-from . import distributed, store
+from . import distributed, signals, store
 from .machine import environment
 from .config import RunConfig
 from .batches import BatchLoader, prepare_data
@@ -223,7 +223,7 @@ def run(config: RunConfig, runs_dir: str | os.PathLike | None = None, *, progres
                                    f"store {frozen}: regenerate the nbval fixture with 'make nbval-fixture'")
         threads = torch.get_num_threads()
         try:
-            with store.sigterm_raises():
+            with signals.sigterm_raises():
                 return _train(config, device, run_dir, progress, world)
         except BaseException:
             if world.main and not (run_dir / "config.json").exists():  # stopped before it began (bad data)
@@ -347,7 +347,7 @@ def _train(config: RunConfig, device: torch.device, run_dir, progress, world: di
                                              "full_test_size", "test_accuracy_by_class",
                                              "perturbation_share_by_class") if k in final},
                     "images_per_second": sum(r["images_per_second"] for r in epoch_rows) / len(epoch_rows)})
-    except (KeyboardInterrupt, store.Terminated) as err:
+    except (KeyboardInterrupt, signals.Terminated) as err:
         name = "SIGINT" if isinstance(err, KeyboardInterrupt) else "SIGTERM"
         if main:
             store.write_status(run_dir, {"status": "interrupted", "signal": name, "epochs_done": checkpointed,

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 import aace
-from aace import store
+from aace import signals, store
 from aace.cli import main as cli_main
 from aace.config import RunConfig, profile_config
 from aace.train import run
@@ -172,7 +172,7 @@ def test_a_killed_writers_temporary_files_go_when_the_run_resumes(tmp_path):
     assert not list(first.path.glob("*.tmp"))
 
 
-@pytest.mark.parametrize("sig, raised", [("SIGTERM", store.Terminated), ("SIGINT", KeyboardInterrupt)])
+@pytest.mark.parametrize("sig, raised", [("SIGTERM", signals.Terminated), ("SIGINT", KeyboardInterrupt)])
 def test_a_signal_between_the_two_tables_waits_until_both_are_written(tmp_path, monkeypatch, sig, raised):
     """A SIGTERM that arrived between metrics.csv and steps.csv left a stopped run one epoch short in steps.csv
     (seen once in a signal test under load): the signal now waits for both, then stops the run as before."""
@@ -189,7 +189,7 @@ def test_a_signal_between_the_two_tables_waits_until_both_are_written(tmp_path, 
             os.kill(os.getpid(), getattr(signal, sig))
     monkeypatch.setattr(store, "_atomic_write_text", write_then_signal)
     checkpoint = store.load_checkpoint(path, torch.device("cpu"))
-    with store.sigterm_raises(), pytest.raises(raised):
+    with signals.sigterm_raises(), pytest.raises(raised):
         store.write_tables(path, checkpoint["epoch_rows"],
                            checkpoint["step_stats"])
     assert written == ["metrics.csv", "steps.csv"]
