@@ -304,7 +304,12 @@ def load_run(path: Path, missing_ok: bool = False, with_steps: bool = True) -> R
     if problem:
         raise CorruptRun(f"{path / 'summary.json'}: {problem}; training the config again rebuilds it from the "
                          f"checkpoint (or delete {path} to redo the run)")
-    if with_steps and len(metrics) and (len(steps) == 0 or int(steps["epoch"].max()) != len(metrics)):
+    covered = int(steps["epoch"].max()) if len(steps) else 0
+    if with_steps and covered != len(metrics) and summary.get("status") not in ("finished", "diverged"):
+        # an unfinished run killed (SIGKILL) between its two tables: read the epochs both hold; the resume rewrites
+        # both from the checkpoint
+        metrics, steps = metrics.iloc[:covered], steps[steps["epoch"] <= len(metrics)]
+    elif with_steps and len(metrics) and covered != len(metrics):
         raise CorruptRun(f"{path / 'steps.csv'} does not cover the {len(metrics)} epochs of metrics.csv; "
                          f"training the config again rebuilds it from the checkpoint (or delete {path})")
     try:
