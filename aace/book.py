@@ -11,6 +11,7 @@ import time
 from pathlib import Path
 
 from .paths import ROOT
+from .progress import shown_while_running
 
 NOTEBOOK_DIR = ROOT / "notebooks"
 # In reading order; each becomes a page of the book.
@@ -200,14 +201,14 @@ def execute_notebooks(profile: str, names: list[str] | None = None, parameters: 
             executed.append(target)
             continue
         shown = ", ".join(f"{k} {v}" for k, v in own.items() if k != "report")
-        print(f"{step} executing {name} ({shown}); its runs, if it trains any, are listed as they start and end",
+        print(f"{step} executing {name} ({shown}); the runs it trains, if any, are listed below as they start and end",
               flush=True)
         log = output_dir / f".{name}.runs.log"
         log.unlink(missing_ok=True)
         os.environ["AACE_RUN_LOG"] = str(log.resolve())  # the kernel and its training children inherit it
         started = time.time()
         try:
-            with _interrupts_reach_the_kernel() as got:
+            with shown_while_running(output_dir / f".{name}.progress"), _interrupts_reach_the_kernel() as got:
                 try:
                     papermill.execute_notebook(str(NOTEBOOK_DIR / f"{name}.ipynb"), str(partial), parameters=own,
                                                cwd=str(ROOT), kernel_name="python3", progress_bar=False,

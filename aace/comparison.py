@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from . import experiments as ex
 from . import formatting as fmt
 from .plans import IMBALANCE_ARMS
+from .progress import progress_stream
 from .study import ALL_ARMS, TUNED_ARMS, arm_key, plan_for, run_study, tuned_field, tuned_value
 
 
@@ -122,7 +123,7 @@ def main_comparison(profile: str, seeds=None, overrides=None, runs_dir=None, wor
         found, _ = runs_in_export(directory, bed.digest)
         if found is not None:  # the settings the export ran with (its thread count), so that its runs are found
             overrides = {**json.loads((directory / "study.json").read_text()).get("overrides", {}), **overrides}
-        terminal = _terminal()
+        terminal = progress_stream()
         try:
             record = run_study(bed.plan, runs_dir, workers or default_workers(), plan=plan, found=found,
                                log=(lambda line: print(line, file=terminal, flush=True)) if terminal else (lambda line: None),
@@ -163,9 +164,3 @@ def reference_runs(profile: str):
     found, _ = runs_in_export(reference.ROOT / bed.export, bed.digest)
     return found
 
-
-def _terminal():
-    try:
-        return open("/dev/tty", "w")  # progress for `python -m aace book`, never into a notebook
-    except OSError:
-        return None

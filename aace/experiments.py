@@ -66,15 +66,12 @@ def ensure(grid: dict[Arm, list[RunConfig]], runs_dir=None, workers: int | None 
 
     Missing single-threaded CPU runs (the ``cpu`` and ``smoke`` profiles) train ``workers`` at a time (default:
     one per core) through the study's worker pool; others one after another in this process.
-    Progress goes to the controlling terminal (/dev/tty) when there is one, e.g. that of
-    ``python -m aace book``: never into the notebook, whose outputs must stay free of timings.
+    Progress goes where ``aace.progress`` says (``python -m aace book``'s output), never into the notebook.
     """
     from .pool import run_pool
+    from .progress import progress_stream
     from .train import is_stored, resolve_device
-    try:
-        terminal = open("/dev/tty", "w")
-    except OSError:  # no terminal (CI, a detached job): no bars
-        terminal = None
+    terminal = progress_stream()
     try:
         elsewhere = {c: found(c) for cfgs in grid.values() for c in cfgs} if found else {}
         missing = [c for cfgs in grid.values() for c in cfgs if elsewhere.get(c) is None and not is_stored(c, runs_dir)]

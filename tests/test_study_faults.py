@@ -342,10 +342,12 @@ def test_ctrl_c_on_book_ends_in_one_line_every_run_interrupted_and_the_previous_
     if presses == 2:
         time.sleep(0.3)
         proc.send_signal(signal.SIGINT)
-    _, err = proc.communicate(timeout=180)
+    out, err = proc.communicate(timeout=180)
     assert proc.returncode == 130, err[-3000:]
     errors = [line for line in err.splitlines() if line.startswith("error: ")]
     assert errors == ["error: interrupted by SIGINT"], err[-3000:]
+    # the runs the page trained were listed on the book's output (no terminal here: through $AACE_PROGRESS)
+    assert "started SGD seed 5" in out, out[-3000:]
     assert "Traceback" not in err and "Task exception" not in err and "zmq" not in err, err[-3000:]
     shown = statuses(runs_dir)
     assert shown and not {"running", "stale"} & set(shown), shown
