@@ -208,36 +208,62 @@ def test_every_committed_export_passes_the_integrity_check_and_carries_its_prove
 SETTLED = sorted(k for k, bed in reference.TESTBEDS.items() if bed.digest)
 
 
-def test_a_study_not_yet_pinned_is_not_yet_complete():
+@pytest.fixture(scope="module")
+def cpu_reads():
+    """Each committed reference export read once for the tests below (a read checks every file: seconds each)."""
+    return {key: reference.read(key, "cpu") for key in reference.TESTBEDS}
+
+
+@pytest.fixture
+def read_once(cpu_reads, monkeypatch):
+    """``reference.read`` serving the cpu exports from ``cpu_reads``: ``answer`` and ``results_markdown`` read
+    through it."""
+    real = reference.read
+    monkeypatch.setattr(reference, "read", lambda testbed, profile="cpu":
+                        cpu_reads[testbed] if profile == "cpu" else real(testbed, profile))
+
+
+@pytest.fixture(scope="module")
+def cpu_answer(cpu_reads):
+    """The intro's answer from the exports, computed once."""
+    real = reference.read
+    reference.read = lambda testbed, profile="cpu": cpu_reads[testbed]
+    try:
+        return reference.answer("cpu")
+    finally:
+        reference.read = real
+
+
+def test_a_study_not_yet_pinned_is_not_yet_complete(cpu_reads):
     """An unpinned export is read without a pin check: it must not be a complete study that the book then trusts."""
     for key, bed in reference.TESTBEDS.items():
         if not bed.digest:
-            study, _, problems = reference.read(key, "cpu")
+            study, _, problems = cpu_reads[key]
             assert study is None and problems, f"{bed.export} is complete: pin its digest in aace/reference.py"
 
 
 @pytest.mark.parametrize("testbed", SETTLED)
-def test_the_book_s_reference_studies_are_complete_and_read_without_problems(testbed):
-    study, runs, problems = reference.read(testbed, "cpu")
+def test_the_book_s_reference_studies_are_complete_and_read_without_problems(testbed, cpu_reads):
+    study, runs, problems = cpu_reads[testbed]
     from aace.study import PLANS, _plan_record
     assert problems == [] and study["complete"] and study["plan"] == _plan_record(PLANS[reference.TESTBEDS[testbed].plan])
     assert all(v["edge"] is None for v in study["chosen"].values())  # every choice interior (issue 23, item 3)
 
 
 @pytest.mark.parametrize("testbed", SETTLED)
-def test_the_book_s_reference_studies_reach_their_declared_power(testbed):
+def test_the_book_s_reference_studies_reach_their_declared_power(testbed, cpu_answer):
     """SAM+AACE - SAM's MDE at its Holm level, on the final-epoch scoring the intro's finding gives, within the
     target declared with the study (the best-epoch scoring, noisier, is reported beside it without a target)."""
     from aace.verdicts import name
     bed = reference.TESTBEDS[testbed]
-    table, problems = reference.answer("cpu")
+    table, problems = cpu_answer
     rows = table[(table["testbed"] == bed.title) & (table["comparison"] == name("aace", "sam"))
                  & (table["scoring"] == "final")]
     assert bed.title not in problems and len(rows) == 1 and bed.mde_target is not None
     assert (rows["MDE (points)"] <= bed.mde_target).all(), rows
 
 
-def test_the_readme_s_results_are_the_exports():
+def test_the_readme_s_results_are_the_exports(read_once):
     text = (reference.ROOT / "README.md").read_text()
     begin, end = text.find(reference.README_BEGIN), text.find(reference.README_END)
     assert begin >= 0 and end > begin, "README.md has no generated results block"
