@@ -42,9 +42,10 @@ REFERENCES = {
                              "030b82a266c330fcfb6212853e1db3c1b988f672daa8d9487c785be30009fb07"),
             "noise": Testbed("noise", "cpu-noise-reference", "results/cpu-fashion-mnist-noise", "40 % label noise", 1.0,
                              "b432fa857ddc73fce7f824e646707252e6ed36dd92d1c2e9d194a81987cb8f78"),
-            # Declared before its runs (issue 34); its digest is pinned when the study is complete.
+            # Declared before its runs (issue 34); pinned when the study was complete.
             "imbalanced": Testbed("imbalanced", "cpu-imbalanced", "results/cpu-fashion-mnist-imbalanced",
-                                  "long-tailed classes (imbalance ratio 100)", 1.0)},
+                                  "long-tailed classes (imbalance ratio 100)", 1.0,
+                                  "36bf30714081098e805a0384a4d0a22ecfa0dd343a3b8443dbdb8b9016e7adcf")},
     "smoke": {"clean": Testbed("clean", "smoke", "tests/fixtures/study-smoke", "clean labels", None,
                                "febb7e03baec3e2ce0d1dccf8b53b891e1f6487f810ec9ba50ee3c81665aaf29"),
               "noise": Testbed("noise", "smoke-noise", "tests/fixtures/study-smoke-noise", "40 % label noise", None,

@@ -115,11 +115,23 @@ def adjusted_confidence(family_size: int, alpha: float = ALPHA) -> float:
     return 1 - family_alpha(family_size, alpha)
 
 
+def holm_steps(p_values: list[float]) -> list[int]:
+    """Each hypothesis's Holm step, as the number of hypotheses still in play there (m for the smallest p, 1 for
+    the largest): it is tested at alpha divided by that number."""
+    order = sorted(range(len(p_values)), key=lambda i: p_values[i])
+    steps = [0] * len(p_values)
+    for rank, i in enumerate(order):
+        steps[i] = len(p_values) - rank
+    return steps
+
+
 def comparison_verdict(d: dict, adjusted_p: float, margin: float = EQUIVALENCE_MARGIN, scale: float = 100.0,
-                       unit: str = "points", family_size: int = 1) -> str:
+                       unit: str = "points", family_size: int = 1, holm_step: int | None = None) -> str:
     """The declared rule's words for one paired comparison (see the module's docstring), each with the interval
     its rule used: the family-adjusted interval (``adjusted_confidence``) beside a Holm-adjusted test, the 90 %
-    interval beside TOST."""
+    interval beside TOST. ``holm_step`` (``holm_steps``): a comparison that Holm decides at a later step is shown
+    with that step's interval (1 - alpha / hypotheses left), which excludes 0 as the decision says; at the
+    family-adjusted level a later step's interval can reach across 0 beside a "better"."""
     if d["n"] < 2:
         return "inconclusive: one seed"
 
@@ -130,6 +142,10 @@ def comparison_verdict(d: dict, adjusted_p: float, margin: float = EQUIVALENCE_M
     adjusted = shown(level, f"{100 * level:.3g} % interval" + (f", adjusted for {family_size} comparisons"
                                                                if family_size > 1 else ""))
     if adjusted_p < ALPHA:
+        if holm_step is not None and holm_step < family_size:
+            step = 1 - ALPHA / holm_step
+            adjusted = shown(step, f"{100 * step:.3g} % interval, Holm's step {family_size - holm_step + 1} of "
+                                   f"{family_size}")
         return (f"{'better' if d['mean'] > 0 else 'worse'} by {scale * abs(d['mean']):.2f} {unit} "
                 f"(Holm-adjusted p = {adjusted_p:.2g}; {adjusted})")
     if tost_p(d, margin) < ALPHA:

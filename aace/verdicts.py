@@ -80,9 +80,10 @@ def verdicts(finals_: dict, scoring: str = PRIMARY):
         if not pairs:  # a question this testbed's plan does not ask
             continue
         diffs = [paired(finals_, a, b, scoring) for a, b in pairs]
-        adjusted = stats.holm([stats.p_value(d) for d in diffs])
-        for (a, b), d, p in zip(pairs, diffs, adjusted):
-            verdict = stats.comparison_verdict(d, p, family_size=len(pairs))
+        raw = [stats.p_value(d) for d in diffs]
+        adjusted = stats.holm(raw)
+        for (a, b), d, p, step in zip(pairs, diffs, adjusted, stats.holm_steps(raw)):
+            verdict = stats.comparison_verdict(d, p, family_size=len(pairs), holm_step=step)
             if family == "positive control":
                 control_seen = verdict.startswith("better")
             elif control_seen is False:

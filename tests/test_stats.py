@@ -89,6 +89,14 @@ def test_verdicts_follow_the_declared_rule():
     lo3, hi3 = st.interval(clear, 1 - 0.05 / 3)
     assert st.comparison_verdict(clear, 0.001, family_size=3).endswith(
         f"98.3 % interval, adjusted for 3 comparisons [{100 * lo3:+.2f}, {100 * hi3:+.2f}])")
+    # decided at Holm's second step of 3: the interval shown is that step's (97.5 %), which excludes 0 as the verdict
+    # says; at 98.3 % a later step's interval reached across 0 beside "better" (the long-tailed study's first read)
+    edge = st.spread([0.010, 0.0, 0.009, 0.002, 0.012, -0.002, 0.008, 0.004])  # raw p 0.020
+    assert st.interval(edge, 1 - 0.05 / 3)[0] < 0 < st.interval(edge, 0.975)[0]
+    lo2, hi2 = st.interval(edge, 0.975)
+    assert st.comparison_verdict(edge, 0.03, family_size=3, holm_step=2).endswith(
+        f"97.5 % interval, Holm's step 2 of 3 [{100 * lo2:+.2f}, {100 * hi2:+.2f}])")
+    assert st.holm_steps([0.03, 0.001, 0.2]) == [2, 3, 1]
     # significant before Holm, not after: never "better"
     assert st.comparison_verdict(clear, 0.06).startswith(("equivalent", "inconclusive"))
     assert st.comparison_verdict(st.spread([0.1]), float("nan")) == "inconclusive: one seed"
