@@ -214,20 +214,22 @@ def cpu_reads():
     return {key: reference.read(key, "cpu") for key in reference.TESTBEDS}
 
 
-@pytest.fixture
-def read_once(cpu_reads, monkeypatch):
+def served(cpu_reads, real=reference.read):
     """``reference.read`` serving the cpu exports from ``cpu_reads``: ``answer`` and ``results_markdown`` read
     through it."""
-    real = reference.read
-    monkeypatch.setattr(reference, "read", lambda testbed, profile="cpu":
-                        cpu_reads[testbed] if profile == "cpu" else real(testbed, profile))
+    return lambda testbed, profile="cpu": cpu_reads[testbed] if profile == "cpu" else real(testbed, profile)
+
+
+@pytest.fixture
+def read_once(cpu_reads, monkeypatch):
+    monkeypatch.setattr(reference, "read", served(cpu_reads))
 
 
 @pytest.fixture(scope="module")
 def cpu_answer(cpu_reads):
-    """The intro's answer from the exports, computed once."""
+    """The intro's answer from the exports, computed once (module scope: patched by hand, then restored)."""
     real = reference.read
-    reference.read = lambda testbed, profile="cpu": cpu_reads[testbed]
+    reference.read = served(cpu_reads, real)
     try:
         return reference.answer("cpu")
     finally:
