@@ -3,7 +3,8 @@ values behind each, the direction-versus-length reading, and the sensitivity ana
 pilot's seeds left out, underfitting seeds). Every number comes from the study's committed export."""
 from __future__ import annotations
 
-from .verdicts import FAMILIES, PRIMARY, name, paired, reading, verdicts
+from .stats import EQUIVALENCE_MARGIN
+from .verdicts import FAMILIES, NO_CONTROL, PRIMARY, name, paired, reading, verdicts
 
 # A run "underfits" when it ends below this training accuracy on its own training labels (clean testbed): the
 # paper's argument is about the end of training, which such a run has not reached.
@@ -164,6 +165,59 @@ def class_frame(finals: dict):
                              "test accuracy (%)": 100 * accuracy[c],
                              "perturbation share (%)": 100 * shares[c] if shares else float("nan")})
     return pd.DataFrame(rows)
+
+
+def imbalance_finding(tables: dict, word: str) -> str:
+    """The long-tailed page's finding: three plain sentences (the prediction's reading by the declared rule, and why
+    when SAM does not beat SGD; SAM+AACE − SAM on the tail classes; the largest other declared effect and what it
+    does to the head and the tail), then each of those verdicts with the interval its rule used. ``tables``:
+    {scoring: verdict table} for the primary scoring and the class groups; ``word``:
+    ``verdicts.prediction_reading``'s answer."""
+    primary, tail, head = tables[PRIMARY], tables["tail"], tables["head"]
+    control, aace_tail = row(primary, "sam", "sgd"), row(tail, "aace", "sam")
+    shown = [("SAM − SGD", "balanced accuracy", control), ("SAM+AACE − SAM", "tail classes", aace_tail),
+             ("SAM+AACE − SAM", "balanced accuracy", row(primary, "aace", "sam"))]
+    first = f"The prediction that AACE starves SAM's tail classes is *{word}* by the rule declared before the runs"
+    if NO_CONTROL in aace_tail["verdict"]:
+        itself = "does worse than" if _word(control) == "worse" else "is not shown to beat"
+        first += (f": on this testbed SAM itself {itself} SGD on balanced accuracy, and the rule reads AACE's effect "
+                  f"on SAM only where SAM's own effect shows")
+    moved = {"better": "SAM+AACE does better than SAM", "worse": "SAM+AACE does worse than SAM",
+             "equivalent": f"SAM+AACE and SAM are equivalent within ±{100 * EQUIVALENCE_MARGIN:.1f} points",
+             "inconclusive": "SAM+AACE and SAM do not differ detectably"}[_word(aace_tail)]
+    sentences = [first, f"On the tail classes, where AACE was predicted to hurt, {moved} "
+                        f"({aace_tail['effect (points)']:+.2f} points)"]
+    others = primary[~primary["comparison"].isin([name("sam", "sgd"), name("aace", "sam")])]
+    if not others.empty:
+        largest = others.loc[others["effect (points)"].abs().idxmax()]
+        pair = _pair(largest)
+        h, t = row(head, *pair), row(tail, *pair)
+        third = (f"The largest other declared effect is {largest['comparison']}: "
+                 f"{largest['effect (points)']:+.2f} points of balanced accuracy")
+        if h is not None and t is not None:
+            he, te = h["effect (points)"], t["effect (points)"]
+            lost, gained = (("head classes", he), ("tail", te)) if he < 0 else (("tail classes", te), ("head", he))
+            third += (f", trading {abs(lost[1]):.2f} points on the {lost[0]} for {gained[1]:.2f} on the {gained[0]}"
+                      if he * te < 0 else f", {he:+.2f} points on the head classes and {te:+.2f} on the tail")
+        sentences.append(third)
+        shown.append((largest["comparison"], "balanced accuracy", largest))
+    verdict_lines = "\n".join(f"- {c}, {scoring}: {r['verdict'].replace(f'; {NO_CONTROL}', '')}"
+                               for c, scoring, r in shown)
+    return f"**Finding.** {'. '.join(sentences)}.\n\nBy the declared rule:\n{verdict_lines}"
+
+
+def _word(verdict_row) -> str:
+    """'better', 'worse', 'equivalent' or 'inconclusive': the first word of a verdict."""
+    return verdict_row["verdict"].split(" ")[0].rstrip(":")
+
+
+def _pair(verdict_row) -> tuple[str, str]:
+    """The arm keys (a, b) of a verdict row's comparison a − b."""
+    for pairs in FAMILIES.values():
+        for a, b in pairs:
+            if name(a, b) == verdict_row["comparison"]:
+                return a, b
+    raise KeyError(verdict_row["comparison"])
 
 
 # The noise study's first version (2 tuning seeds, SAM's grid coarser than AACE's: 0.05, 0.1, 0.2, 0.5), which the

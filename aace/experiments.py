@@ -149,7 +149,7 @@ def describe(config: RunConfig) -> str:
     test = f"{config.test_subset:,}" if config.test_subset else "all"
     subset = f"{config.train_subset:,} training / {test} test images" if config.train_subset else "the full data set"
     if config.imbalance_ratio > 1:  # train_subset is the balanced pool the long-tailed subset is cut from
-        subset = f"the long-tailed subset of a {config.train_subset:,}-image balanced pool / {test} test images"
+        subset = f"its training images cut from a {config.train_subset:,}-image balanced pool, {test} test images"
     variant = "" if config.model_variant == "standard" else f" ({config.model_variant}'s variant)"
     return f"{config.model.upper()}{variant}, {config.epochs} epochs, {subset}, {config.lr_schedule} learning-rate " \
            f"schedule, {fmt.augment(config.augment)}"

@@ -305,15 +305,18 @@ def build_times(minutes: dict, trained: dict):
 
 def by_class(frame, column: str, ylabel: str, reference: str | None = None):
     """Per class, ordered by its training images (log scale, head on the left): each arm's mean of ``column`` over
-    its seeds, with the seeds' min-max as a band. ``frame``: one row per arm, seed and class with 'arm', 'class',
+    its seeds, with the mean's 95 % interval as a band (the seeds' min-max hid the means under each other's bands).
+    ``frame``: one row per arm, seed and class with 'arm', 'class',
     'training images' and ``column`` (aace.imbalance.class_frame); ``reference``: a column drawn as a dashed line
     (the same for every arm), such as each class's share of the training images."""
+    from .stats import spread
     fig, ax = plt.subplots(figsize=(8.0, 4.2))
     for arm, rows in frame.groupby("arm", sort=False):
         per = rows.groupby("training images", sort=True)[column]
         x, mean = np.array(per.mean().index, dtype=float), per.mean().to_numpy()
         ax.plot(x, mean, marker=marker_for(arm), color=color_for(arm), label=arm)
-        ax.fill_between(x, per.min().to_numpy(), per.max().to_numpy(), color=color_for(arm), alpha=0.12, lw=0)
+        half = np.array([spread(v.to_numpy())["ci95"] for _, v in per])
+        ax.fill_between(x, mean - half, mean + half, color=color_for(arm), alpha=0.15, lw=0)
     if reference is not None:
         ref = frame.groupby("training images", sort=True)[reference].first()
         ax.plot(ref.index, ref.to_numpy(), "k--", lw=1, label=reference)

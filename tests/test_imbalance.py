@@ -127,6 +127,28 @@ def test_the_prediction_is_read_by_its_declared_rule(tail, head, control, expect
     assert verdicts.prediction_reading(verdicts.verdicts(finals, "head"), verdicts.verdicts(finals, "tail")) == expected
 
 
+
+def test_the_finding_says_why_nothing_is_decided_and_names_the_largest_other_effect():
+    from aace import evidence, plans, verdicts
+    finals = _group_finals(-0.05, 0.0, control=0.0)   # SAM does not beat SGD
+    finals["sam_ewce_update"] = [_Run("sam_ewce_update", r.config.seed, r.summary["full_test_acc"] + 0.02,
+                                      [a - 0.02 if c < 3 else a + 0.1 if c > 6 else a
+                                       for c, a in enumerate(r.summary["test_accuracy_by_class"])])
+                                 for r in finals["sam"]]
+    tables = {s: verdicts.verdicts(finals, s) for s in (verdicts.PRIMARY, *verdicts.GROUP_SCORINGS)}
+    text = evidence.imbalance_finding(tables, verdicts.prediction_reading(tables["head"], tables["tail"]))
+    assert text.startswith("**Finding.** The prediction that AACE starves SAM's tail classes is *not decided*")
+    assert "SAM itself is not shown to beat SGD" in text
+    assert verdicts.NO_CONTROL not in text   # said once, in words, not after every verdict
+    assert "The largest other declared effect is SAM, weighted CE in the update − SAM: +2.00 points" in text
+    assert "trading 2.00 points on the head classes for 10.00 on the tail" in text
+    assert "does worse than SGD" not in text   # SAM − SGD is 0 here: not shown to beat it
+    assert text.count("\n- ") == 4   # each sentence's verdicts with the interval its rule used
+    decided = _group_finals(-0.05, 0.0)
+    tables = {s: verdicts.verdicts(decided, s) for s in (verdicts.PRIMARY, *verdicts.GROUP_SCORINGS)}
+    text = evidence.imbalance_finding(tables, "supported")
+    assert "*supported*" in text and "SAM itself" not in text and "largest other" not in text
+
 def test_the_class_frame_holds_each_run_s_classes_with_their_training_images():
     from aace import evidence
     finals = _group_finals(-0.05, 0.0)
