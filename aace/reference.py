@@ -194,19 +194,52 @@ def _machine_name(env: dict) -> str:
     return f"{env.get('cpu', '?')} ({env.get('instruction_set', '?')})"
 
 
+def _determinism_reference(profile: str, seeds=None):
+    """({arm: the reference runs the determinism check retrains}, problems); None when the export cannot be read."""
+    seeds = DETERMINISM["seeds"] if seeds is None else tuple(seeds)
+    study, runs, problems = read(DETERMINISM["testbed"], profile)
+    if study is None:
+        return None, problems
+    return {k: [r for r in rs if r.config.seed in seeds] for k, rs in finals(study, runs).items()
+            if k in DETERMINISM["arms"]}, []
+
+
+def _fresh_grid(study: dict, runs: list, pairs, seeds) -> dict:
+    """{arm key: its configs at the fresh seeds}: each replicated comparison's arms as the reference ran them."""
+    import dataclasses
+
+    from .results import final_runs
+    overlap = set(seeds) & set(study["plan"]["final_seeds"]) | set(seeds) & set(study["plan"]["tuning_seeds"])
+    if overlap:
+        raise ValueError(f"parameter 'fresh_seeds': {sorted(overlap)} are seeds of the reference study itself; "
+                         f"a replication needs seeds it never ran")
+    template = {k: final_runs(study, runs)[k][0].config for k in sorted({k for pair in pairs for k in pair})}
+    return {k: [dataclasses.replace(c, seed=s) for s in seeds] for k, c in template.items()}
+
+
+def train_replication(profile: str = "cpu", runs_dir=None, seeds=FRESH_SEEDS) -> None:
+    """Train what the replication page lacks, the determinism check's runs and the fresh seeds', in one pool:
+    in two pools a core idled while each pool's last run ended (about 90 s of a build). ``determinism`` and
+    ``fresh_replication`` then read them back."""
+    from .experiments import ensure
+    reference, _ = _determinism_reference(profile)
+    configs = [r.config for rs in (reference or {}).values() for r in rs]
+    for testbed, pairs in REPLICATED.items():
+        study, runs, _ = read(testbed, profile) if testbed in testbeds(profile) else (None, [], [])
+        if study is not None:
+            configs += [c for cs in _fresh_grid(study, runs, pairs, seeds).values() for c in cs]
+    ensure({None: configs}, runs_dir)
+
+
 def determinism(profile: str = "cpu", runs_dir=None, seeds=None):
     """Train (or read) the declared reference seeds of the declared arms of the clean testbed on this machine and
     set them beside their reference runs: (per-run table, problems)."""
     import pandas as pd
 
     from .experiments import ensure
-    seeds = DETERMINISM["seeds"] if seeds is None else tuple(seeds)
-    testbed = DETERMINISM["testbed"]
-    study, runs, problems = read(testbed, profile)
-    if study is None:
+    reference, problems = _determinism_reference(profile, seeds)
+    if reference is None:
         return None, problems
-    reference = {k: [r for r in rs if r.config.seed in seeds] for k, rs in finals(study, runs).items()
-                 if k in DETERMINISM["arms"]}
     local = ensure({ALL_ARMS[k]: [r.config for r in rs] for k, rs in reference.items()}, runs_dir)
     rows = []
     for key, rs in reference.items():
@@ -226,14 +259,12 @@ def fresh_replication(profile: str = "cpu", runs_dir=None, seeds=FRESH_SEEDS):
     reference: (per-comparison table, problems). A comparison is consistent when the build's mean lies inside the
     reference's prediction interval at the Holm-adjusted level over the replicated comparisons (its p-value:
     the two-sided t-test of build mean = reference mean, variance sd^2 (1/n + 1/k), n - 1 degrees of freedom)."""
-    import dataclasses
     import math
 
     import pandas as pd
     from scipy.stats import t as student_t
 
     from .experiments import ensure
-    from .results import final_runs
     rows, problems, tests = [], [], []
     for testbed, pairs in REPLICATED.items():
         if testbed not in testbeds(profile):
@@ -242,15 +273,8 @@ def fresh_replication(profile: str = "cpu", runs_dir=None, seeds=FRESH_SEEDS):
         if study is None:
             problems += [f"{testbeds(profile)[testbed].title}: {t}" for t in trouble]
             continue
-        reference = finals(study, runs)
-        overlap = set(seeds) & set(study["plan"]["final_seeds"]) | set(seeds) & set(study["plan"]["tuning_seeds"])
-        if overlap:
-            raise ValueError(f"parameter 'fresh_seeds': {sorted(overlap)} are seeds of the reference study itself; "
-                             f"a replication needs seeds it never ran")
-        keys = sorted({k for pair in pairs for k in pair})
-        template = {k: final_runs(study, runs)[k][0].config for k in keys}
-        grid = {ALL_ARMS[k]: [dataclasses.replace(template[k], seed=s) for s in seeds] for k in keys}
-        local = {k: rs for k, rs in zip(keys, ensure(grid, runs_dir).values())}
+        reference, grid = finals(study, runs), _fresh_grid(study, runs, pairs, seeds)
+        local = {k: rs for k, rs in zip(grid, ensure({ALL_ARMS[k]: cs for k, cs in grid.items()}, runs_dir).values())}
         for a, b in pairs:
             ref_d, new_d = paired(reference, a, b, "final"), paired(local, a, b, "final")
             n, k = ref_d["n"], new_d["n"]

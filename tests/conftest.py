@@ -30,11 +30,17 @@ import fcntl  # noqa: E402
 import pytest  # noqa: E402
 
 
+SMOKE_EXPORT = Path(__file__).resolve().parent / "fixtures" / "study-smoke"
+
+
 @pytest.fixture(scope="session")
 def smoke_study_store(tmp_path_factory, request):
-    """The smoke study (``study --profile smoke --workers 2``) trained once for the whole session into one store,
-    shared by every test worker (pytest-xdist): the first worker to ask trains it under a file lock, the others
-    wait and read it. Tests copy it before changing anything in it."""
+    """A store holding the whole smoke study (``study --profile smoke --workers 2 --threads 1``), seeded from its
+    committed export (``make nbval-fixture``) instead of trained: training it cost the suite 48 s on 2 cores. Nothing
+    here was trained on this machine, so a test that compares bits trains its own runs (test_slurm does). One copy
+    for the whole session, shared by every test worker (pytest-xdist) under a file lock; tests copy it before
+    changing anything in it."""
+    import gzip
     root = tmp_path_factory.getbasetemp()
     if hasattr(request.config, "workerinput"):  # an xdist worker: its base folder's parent is the session's
         root = root.parent
@@ -42,19 +48,20 @@ def smoke_study_store(tmp_path_factory, request):
     with open(root / "shared-smoke-study.lock", "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
         if not done.exists():
-            from aace.cli import main as cli_main
-            assert cli_main(["study", "--profile", "smoke", "--workers", "2", "--threads", "1", "--runs-dir",
-                             str(store)]) == 0
-            done.write_text("trained\n")
+            for run in sorted((SMOKE_EXPORT / "runs").iterdir()):  # an export gzips steps.csv; a store does not
+                (store / run.name).mkdir(parents=True)
+                for f in run.iterdir():
+                    target = store / run.name / f.name.removesuffix(".gz")
+                    target.write_bytes(gzip.decompress(f.read_bytes()) if f.suffix == ".gz" else f.read_bytes())
+            done.write_text("seeded\n")
     return store
 
 
 # ----------------------------------------------------------------------------- the order the workers take files in
 
 # The longest files first (measured with --durations on 2 cores), so that the two workers end together instead of
-# one finishing a long file alone; and a file that trains the shared smoke study above early, so that the other
-# files that read it find it done instead of waiting for it. pytest-xdist's --dist loadfile hands out files in
-# the order collected; within a file the order is kept (nbval runs a page's cells in order).
+# one finishing a long file alone. pytest-xdist's --dist loadfile hands out files in the order collected; within a
+# file the order is kept (nbval runs a page's cells in order).
 LONGEST_FIRST = ("test_study_faults.py", "test_reliability.py", "test_reference.py", "test_slurm.py",
                  "test_study_signals.py", "test_train.py", "test_study.py", "test_distributed.py", "test_faults.py")
 

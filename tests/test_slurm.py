@@ -130,9 +130,9 @@ def _wait_for(predicate, seconds, what):
 @pytest.mark.slow
 def test_the_smoke_study_on_slurm_survives_a_cancelled_job_and_matches_the_local_pool_bit_for_bit(cluster, tmp_path,
                                                                                                   smoke_study_store):
-    # The local pool's smoke store less three runs: two tuning runs and one final of a tuned arm, so that each phase
+    # The smoke study's store less three runs: two tuning runs and one final of a tuned arm, so that each phase
     # submits an array (the rest is read back), one of its jobs is cancelled mid-run, and what Slurm trains is
-    # compared with what the local pool trained. (Training the whole study twice cost 5 minutes of the suite.)
+    # compared with what the local pool trains of the same three. (Training the whole study twice cost 5 minutes.)
     store, export = tmp_path / "slurm-store", tmp_path / "slurm-export"
     shutil.copytree(smoke_study_store, store, ignore=shutil.ignore_patterns("study-*.json", "lock"))
     plan = study.PLANS["smoke"]
@@ -140,8 +140,11 @@ def test_the_smoke_study_on_slurm_survives_a_cancelled_job_and_matches_the_local
     tuning = [run_dir(c, resolve_device("cpu"), store) for c in study.tuning_configs(plan, threads=1)[:2]]
     final = next(p for p in sorted(store.glob("aace-*")) if (lambda c: c["method"] == "aace" and not c["normalize"]
                  and c["seed"] == 1)(json.loads((p / "config.json").read_text())["config"]))
+    local_store = tmp_path / "local-store"
+    shutil.copytree(store, local_store)
     for folder in (*tuning, final):
         shutil.rmtree(folder)
+        shutil.rmtree(local_store / folder.name)
     process = _study(cluster, store, "--slurm-max-parallel", "2", export=export)
 
     def a_running_task_with_a_checkpoint():  # array task i runs the i-th run the store lacks: here, tuning[i]
@@ -166,9 +169,9 @@ def test_the_smoke_study_on_slurm_survives_a_cancelled_job_and_matches_the_local
     assert out.count("submitted 1 run as Slurm job array") == 2, out  # the cancelled run, then the final
     assert results.check_export(export) == []
 
-    local = tmp_path / "local-export"  # the same study run by the local pool (once for the session)
+    local = tmp_path / "local-export"  # the same study, its same three runs trained here by the local pool
     assert cli_main(["study", "--profile", "smoke", "--workers", "2", "--threads", "1", "--runs-dir",
-                     str(smoke_study_store), "--export", str(local)]) == 0
+                     str(local_store), "--export", str(local)]) == 0
     slurm_study, slurm_runs = results.load_export(export)
     local_study, local_runs = results.load_export(local)
     assert slurm_study["chosen"] == local_study["chosen"]

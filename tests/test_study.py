@@ -55,7 +55,7 @@ def smoke_study(smoke_study_store, tmp_path_factory):
     return smoke_study_store, export_dir
 
 
-def test_smoke_study_runs_in_two_workers_exports_and_passes_its_integrity_check(smoke_study):
+def test_smoke_study_exports_its_runs_and_invocation_and_passes_its_integrity_check(smoke_study):
     runs_dir, export_dir = smoke_study
     meta, runs = results.load_export(export_dir)
     plan = study.PLANS["smoke"]
@@ -73,9 +73,10 @@ def test_smoke_study_runs_in_two_workers_exports_and_passes_its_integrity_check(
 
 def test_study_resumes_without_training_again(smoke_study, capsys):
     runs_dir, _ = smoke_study
-    before = {p: p.stat().st_mtime_ns for p in runs_dir.glob("*/checkpoint.pt")}
+    before = {p: p.stat().st_mtime_ns for p in runs_dir.glob("*/*")}
+    assert len(before) > 40   # every run's config, summary and tables
     assert cli_main(["study", "--profile", "smoke", "--workers", "2", "--threads", "1", "--runs-dir", str(runs_dir)]) == 0
-    assert {p: p.stat().st_mtime_ns for p in runs_dir.glob("*/checkpoint.pt")} == before
+    assert {p: p.stat().st_mtime_ns for p in runs_dir.glob("*/*")} == before
     assert "complete" in capsys.readouterr().out
 
 
