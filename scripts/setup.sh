@@ -24,7 +24,10 @@ stamp=.venv/.aace-installed
 if [[ ! -f $stamp || requirements.txt -nt $stamp || pyproject.toml -nt $stamp ]]; then
   [[ -x .venv/bin/python ]] || python3 -m venv .venv
   # torch 2.14.1 and torchvision 0.29.1 install from this machine's disk; pip, not uv or poetry.
-  .venv/bin/pip install -q --disable-pip-version-check -r requirements.txt
+  # Byte-compiled on every core afterwards instead of one file at a time by pip: 73 s against 85 on the fast kind.
+  # compileall's status is ignored as pip ignores it: a few packages ship files that are not meant to compile.
+  .venv/bin/pip install -q --disable-pip-version-check --no-compile -r requirements.txt
   .venv/bin/pip install -q --disable-pip-version-check --no-deps -e .
+  .venv/bin/python -m compileall -q -j 0 .venv/lib >/dev/null 2>&1 || :
   touch "$stamp"
 fi
