@@ -224,7 +224,7 @@ def table(page: str, profile: str, datasets=None, methods=("sgd", "sam", "aace")
             rows[dataset]["SAM+AACE − SAM (paired)"] = (
                 f"{100 * d['mean']:+.2f}" + (f" (95% CI ± {100 * d['ci95']:.2f}, n={d['n']})" if d["n"] > 1 else
                                              f" (n={d['n']})"))
-    return runs, pd.DataFrame(rows).T
+    return runs, pd.DataFrame(rows).T.rename(index=fmt.dataset)   # 'Fashion-MNIST', not its key
 
 
 def table_finding(runs: dict, declared: dict | None = None) -> str:

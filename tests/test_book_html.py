@@ -181,6 +181,10 @@ def test_prose_holds_no_raw_python_and_code_shows_only_where_a_reader_copies_it(
                            "c.querySelectorAll('code').forEach(e => e.remove()); return c.textContent; }).join('\\n')")
     found = [raw.strip() for raw in RAW_REPRS if raw in prose]
     assert not found, f"{page}: raw Python in the prose: {found}"
+    headers = browser.script("return Array.from(document.querySelectorAll('main th')).map(c => c.textContent)"
+                             ".join('\\n')")   # a table's row and column names are read as words too
+    found = [raw.strip() for raw in RAW_REPRS if raw in headers]
+    assert not found, f"{page}: raw Python in a table's headers: {found}"
     visible = browser.script("return Array.from(document.querySelectorAll('main .cell_input')).filter("
                              "c => !c.closest('details') && c.offsetParent !== null).length")
     if page not in CODE_PAGES:

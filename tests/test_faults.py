@@ -189,9 +189,14 @@ def test_a_signal_between_the_two_tables_waits_until_both_are_written(tmp_path, 
             os.kill(os.getpid(), getattr(signal, sig))
     monkeypatch.setattr(store, "_atomic_write_text", write_then_signal)
     checkpoint = store.load_checkpoint(path, torch.device("cpu"))
-    with signals.sigterm_raises(), pytest.raises(raised):
-        store.write_tables(path, checkpoint["epoch_rows"],
-                           checkpoint["step_stats"])
+    # Python's own Ctrl-C handler, as under a terminal: a suite started in the background (nohup ... &) inherits
+    # SIGINT ignored, and an ignored signal rightly raises nothing (a fresh clone's run under nohup failed here).
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
+    try:
+        with signals.sigterm_raises(), pytest.raises(raised):
+            store.write_tables(path, checkpoint["epoch_rows"], checkpoint["step_stats"])
+    finally:
+        signal.signal(signal.SIGINT, previous)
     assert written == ["metrics.csv", "steps.csv"]
     assert store.load_run(path).metrics.shape[0] == 2  # the two tables agree: the run reads back
 
