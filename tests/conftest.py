@@ -59,11 +59,12 @@ def smoke_study_store(tmp_path_factory, request):
 
 # ----------------------------------------------------------------------------- the order the workers take files in
 
-# The longest files first (measured with --durations on 2 cores), so that the two workers end together instead of
-# one finishing a long file alone. pytest-xdist's --dist loadfile hands out files in the order collected; within a
+# The longest files first (measured with --durations on 2 cores), so that the workers end together instead of one
+# finishing a long file alone. pytest-xdist's --dist loadfile hands out files in the order collected; within a
 # file the order is kept (nbval runs a page's cells in order).
-LONGEST_FIRST = ("test_study_faults.py", "test_reliability.py", "test_reference.py", "test_slurm.py",
-                 "test_study_signals.py", "test_train.py", "test_study.py", "test_distributed.py", "test_faults.py")
+LONGEST_FIRST = ("test_reliability.py", "test_study_signals.py", "test_slurm.py", "test_study_faults.py",
+                 "test_reference.py", "test_study.py", "test_distributed.py", "test_train.py", "test_faults.py",
+                 "own_training_loop.ipynb", "test_analysis.py", "test_book_html.py", "test_imbalance.py")
 
 
 def pytest_collection_modifyitems(config, items):
