@@ -76,8 +76,8 @@ def ensure(grid: dict[Arm, list[RunConfig]], runs_dir=None, workers: int | None 
         elsewhere = {c: found(c) for cfgs in grid.values() for c in cfgs} if found else {}
         missing = [c for cfgs in grid.values() for c in cfgs if elsewhere.get(c) is None and not is_stored(c, runs_dir)]
         workers = workers or len(os.sched_getaffinity(0))
-        # SGD's runs last: a SAM run takes about twice as long (two passes a step), and started last it would leave
-        # a core idle at the end (Table 3's three runs: 91 s, against about 60 in this order).
+        # SGD's runs last, the longest first: a SAM run takes about twice as long (two passes a step), and started
+        # last it would leave the other core idle while it ends.
         pooled = sorted((c for c in missing if c.threads == 1 and resolve_device(c.device).type == "cpu"),
                         key=lambda c: c.method == "sgd")
         if len(pooled) > 1 and workers > 1:

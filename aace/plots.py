@@ -306,9 +306,9 @@ def build_times(minutes: dict, trained: dict):
 def by_class(frame, column: str, ylabel: str, reference: str | None = None):
     """Per class, ordered by its training images (log scale, head on the left): each arm's mean of ``column`` over
     its seeds, with the mean's 95 % interval as a band (the seeds' min-max hid the means under each other's bands).
-    ``frame``: one row per arm, seed and class with 'arm', 'class',
-    'training images' and ``column`` (aace.imbalance.class_frame); ``reference``: a column drawn as a dashed line
-    (the same for every arm), such as each class's share of the training images."""
+    ``frame``: one row per arm, seed and class with 'arm', 'class', 'training images' and ``column``
+    (aace.evidence.class_frame); ``reference``: a column drawn as a dashed line (the same for every arm), such as
+    each class's share of the training images."""
     from .stats import spread
     fig, ax = plt.subplots(figsize=(8.0, 4.2))
     for arm, rows in frame.groupby("arm", sort=False):

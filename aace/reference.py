@@ -218,9 +218,9 @@ def _fresh_grid(study: dict, runs: list, pairs, seeds) -> dict:
 
 
 def train_replication(profile: str = "cpu", runs_dir=None, seeds=FRESH_SEEDS) -> None:
-    """Train what the replication page lacks, the determinism check's runs and the fresh seeds', in one pool:
-    in two pools a core idled while each pool's last run ended (about 90 s of a build). ``determinism`` and
-    ``fresh_replication`` then read them back."""
+    """Train what the replication page lacks, the determinism check's runs and the fresh seeds', in one pool: in
+    two pools a core idled while each pool's last run ended (the page took 520 s, now 454 here). ``determinism``
+    and ``fresh_replication`` then read them back."""
     from .experiments import ensure
     reference, _ = _determinism_reference(profile)
     configs = [r.config for rs in (reference or {}).values() for r in rs]
