@@ -190,8 +190,7 @@ def imbalance_finding(tables: dict, word: str) -> str:
     others = primary[~primary["comparison"].isin([name("sam", "sgd"), name("aace", "sam")])]
     if not others.empty:
         largest = others.loc[others["effect (points)"].abs().idxmax()]
-        pair = _pair(largest)
-        h, t = row(head, *pair), row(tail, *pair)
+        h, t = row(head, *largest["arms"]), row(tail, *largest["arms"])
         third = (f"The largest other declared effect is {largest['comparison']}: "
                  f"{largest['effect (points)']:+.2f} points of balanced accuracy")
         if h is not None and t is not None:
@@ -209,15 +208,6 @@ def imbalance_finding(tables: dict, word: str) -> str:
 def _word(verdict_row) -> str:
     """'better', 'worse', 'equivalent' or 'inconclusive': the first word of a verdict."""
     return verdict_row["verdict"].split(" ")[0].rstrip(":")
-
-
-def _pair(verdict_row) -> tuple[str, str]:
-    """The arm keys (a, b) of a verdict row's comparison a − b."""
-    for pairs in FAMILIES.values():
-        for a, b in pairs:
-            if name(a, b) == verdict_row["comparison"]:
-                return a, b
-    raise KeyError(verdict_row["comparison"])
 
 
 # The noise study's first version (2 tuning seeds, SAM's grid coarser than AACE's: 0.05, 0.1, 0.2, 0.5), which the

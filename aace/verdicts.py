@@ -71,8 +71,9 @@ def name(a: str, b: str) -> str:
 
 
 def verdicts(finals_: dict, scoring: str = PRIMARY):
-    """One row per declared comparison: its family, effect, 95 % interval, n, MDE at the family's Holm level,
-    Holm-adjusted p and the rule's verdict; the AACE family's verdicts carry the positive control's outcome."""
+    """One row per declared comparison: its family, name, arm keys (a, b), effect, 95 % interval, n, MDE at the
+    family's Holm level, Holm-adjusted p and the rule's verdict; the AACE family's verdicts carry the positive
+    control's outcome."""
     import pandas as pd
     rows, control_seen = [], None
     for family, pairs in FAMILIES.items():
@@ -90,7 +91,8 @@ def verdicts(finals_: dict, scoring: str = PRIMARY):
                 verdict += f"; {NO_CONTROL}"
             lo, hi = stats.interval(d)
             robust = stats.sensitivity(d)
-            rows.append({"question": family, "comparison": name(a, b), "effect (points)": 100 * d["mean"],
+            rows.append({"question": family, "comparison": name(a, b), "arms": (a, b),
+                         "effect (points)": 100 * d["mean"],
                          "95 % interval": f"[{100 * lo:+.2f}, {100 * hi:+.2f}]", "paired seeds": d["n"],
                          "MDE (points)": 100 * stats.minimum_detectable_effect(d, stats.family_alpha(len(pairs))),
                          "Holm-adjusted p": p, "verdict": verdict, "median (points)": 100 * robust["median"],

@@ -89,7 +89,6 @@ def test_the_determinism_check_reads_the_same_runs_bit_identical():
     assert same["reference machine"].str.contains("(", regex=False).all() and same["this machine"].all()
 
 
-
 def test_the_replication_page_trains_what_it_lacks_in_one_pool_sgd_last(monkeypatch, tmp_path):
     from aace import experiments, pool
     calls = []
@@ -101,6 +100,7 @@ def test_the_replication_page_trains_what_it_lacks_in_one_pool_sgd_last(monkeypa
     seeds = {c.seed for c in calls[0]}
     assert set(reference.FRESH_SEEDS) <= seeds and set(reference.DETERMINISM["seeds"]) <= seeds
     assert "sgd" in methods and methods.index("sgd") == len(methods) - methods.count("sgd")   # SGD's runs last
+
 
 def test_the_fresh_replication_can_fail(monkeypatch):
     """A build that reproduced the noise study's first version (SAM on its coarser grid's rho: SAM+AACE − SAM about
